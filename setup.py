@@ -1,0 +1,43 @@
+"""sdlm_jax: sparse diffusion language models in JAX/Flax NNX, TPU-first."""
+
+from setuptools import find_packages, setup
+
+# Pinned together: jax/jaxlib must match libtpu (see requirements-tpu.txt).
+JAX_VERSION = "0.10.2"
+
+setup(
+    name="sdlm_jax",
+    version="0.1.0",
+    description="Sparse (MoE) diffusion language models in JAX/Flax NNX, TPU-native.",
+    packages=find_packages(include=["sdlm_jax", "sdlm_jax.*", "pallas_kernels", "pallas_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        f"jax=={JAX_VERSION}",
+        f"jaxlib=={JAX_VERSION}",
+        "flax==0.12.8",
+        "optax>=0.2.5",
+        "orbax-checkpoint==0.12.8",
+        "grain==0.2.18",
+        "array-record>=0.8",
+        "sentencepiece>=0.2",
+        "ml_collections>=1.0",
+        "absl-py>=2.0",
+        "clu==0.0.12",
+        "tensorboardX>=2.6",
+        "tqdm>=4.60",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+        "gpu": [f"jax[cuda12]=={JAX_VERSION}"],
+        "tfds": ["tensorflow-datasets>=4.9"],
+    },
+    entry_points={
+        "console_scripts": [
+            "sdlm-train=sdlm_jax.cli.train:run",
+            "sdlm-generate=sdlm_jax.cli.generate:run",
+            "sdlm-eval=sdlm_jax.cli.evaluate:run",
+        ]
+    },
+)

@@ -1,0 +1,47 @@
+"""Logical-axis rules: the one table mapping logical array axes to mesh axes.
+
+Every parameter and key activation in the model is annotated with logical axis names
+(left column); a rule set maps each to a mesh axis (or None: replicated). Rule sets are
+selected by name with `get_rules(name)`.
+
+Parameter axes:  vocab, embed, heads, kv_heads, head_dim, mlp, expert, expert_mlp, norm
+Activation axes: activation_batch, activation_length, activation_embed, activation_heads,
+                 activation_kv_heads, activation_mlp, activation_vocab, activation_expert,
+                 activation_capacity
+"""
+
+MESH_AXES = ("data", "fsdp", "expert", "model")
+
+_PARAM_RULES = (
+    ("vocab", "model"),
+    ("embed", "fsdp"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("head_dim", None),
+    ("mlp", "model"),
+    ("expert", "expert"),
+    ("expert_mlp", "model"),
+    ("norm", None),
+)
+
+_ACTIVATION_RULES = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "model"),
+    ("activation_kv_heads", "model"),
+    ("activation_mlp", "model"),
+    ("activation_vocab", "model"),
+    ("activation_expert", "expert"),
+    ("activation_capacity", None),
+)
+
+RULE_SETS = {
+    "default": _ACTIVATION_RULES + _PARAM_RULES,
+}
+
+
+def get_rules(name: str = "default"):
+  if name not in RULE_SETS:
+    raise ValueError(f"mesh.rules={name!r}; allowed values: {', '.join(sorted(RULE_SETS))}")
+  return RULE_SETS[name]

@@ -1,0 +1,38 @@
+"""sdlm-eval: ELBO perplexity bound on the validation split, written to WORKDIR/eval.json.
+
+  sdlm-eval --workdir runs/demo [--num_batches 8] [--num_t_samples 4]
+"""
+
+import json
+
+from absl import app, flags
+
+from sdlm_jax.cli import common
+
+_WORKDIR = common.define_workdir(required=True)
+_NUM_BATCHES = flags.DEFINE_integer("num_batches", None, "Validation batches (default: the run's eval.num_batches).")
+_NUM_T = flags.DEFINE_integer("num_t_samples", None, "Antithetic t samples per sequence (default: eval.num_t_samples).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from sdlm_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from sdlm_jax.train import evaluate  # pylint: disable=import-outside-toplevel
+  cfg, tokenizer, model, step = workdir_lib.load_trained_model(_WORKDIR.value)
+  if _NUM_BATCHES.value is not None:
+    cfg.eval.num_batches = _NUM_BATCHES.value
+  if _NUM_T.value is not None:
+    cfg.eval.num_t_samples = _NUM_T.value
+  result = {"step": step, **evaluate.evaluate(cfg, model, tokenizer)}
+  path = workdir_lib.write_json(_WORKDIR.value, "eval.json", result)
+  print(json.dumps(result, indent=2))
+  print(f"written to {path}")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,148 @@
+"""The training loop: config -> mesh -> model/optimizer -> data -> jitted steps -> metrics,
+checkpoints and a final evaluation.
+
+Resuming is automatic: if WORKDIR/checkpoints holds a checkpoint, params, optimizer state,
+step and data-iterator position are restored and training continues as if never stopped
+(the step RNG is a function of (seed, step), so a resumed run replays the same losses).
+A NaN/Inf loss stops the run before any checkpoint of the bad state is written.
+"""
+
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from sdlm_jax import config as config_lib
+from sdlm_jax import workdir as workdir_lib
+from sdlm_jax.data import pipeline
+from sdlm_jax.model.transformer import Transformer
+from sdlm_jax.parallel.mesh import make_mesh
+from sdlm_jax.parallel.rules import get_rules
+from sdlm_jax.train import evaluate
+from sdlm_jax.train.checkpoint import Checkpointer
+from sdlm_jax.train.metrics import MetricsWriter, all_finite, summarize
+from sdlm_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from sdlm_jax.train.step import make_train_step
+
+BATCH_AXES = ("data", "fsdp")
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN/Inf; the run stops without checkpointing the bad state."""
+
+
+def global_batch(local_batch: dict, mesh) -> dict:
+  """Assembles each process's slice of the batch into one array sharded over the batch axes."""
+  sharding = NamedSharding(mesh, P(BATCH_AXES))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def init_model(cfg, mesh):
+  """Builds the model under the mesh and logical rules, so params are created sharded."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules()):
+    return Transformer(cfg.model, rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(cfg.seed), 0)))
+
+
+class _Pending:
+  """Per-step metrics still on device, fetched together at log/checkpoint time."""
+
+  def __init__(self):
+    self.items: list[tuple[int, dict]] = []
+    self.tokens = 0
+    self.since = time.perf_counter()
+
+  def add(self, step, metrics, tokens):
+    self.items.append((step, metrics))
+    self.tokens += tokens
+
+  def flush(self):
+    """Fetches pending metrics; raises NonFiniteLossError at the first bad step."""
+    if not self.items:
+      return None
+    host = jax.device_get([m for _, m in self.items])
+    bad = all_finite(host)
+    if bad is not None:
+      raise NonFiniteLossError(
+          f"loss is {host[bad]['loss']} at step {self.items[bad][0] + 1}; stopping without saving. "
+          "Lower train.optimizer.lr, raise warmup, or check the data; the run resumes from the last "
+          "good checkpoint.")
+    elapsed = time.perf_counter() - self.since
+    out = summarize(host)
+    out["tokens_per_sec"] = self.tokens / max(elapsed, 1e-9)
+    self.items, self.tokens, self.since = [], 0, time.perf_counter()
+    return out
+
+
+def train(cfg, workdir: str, *, progress: bool = True) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
+  config_lib.validate(cfg, jax.device_count(), jax.process_count())
+  is_main = jax.process_index() == 0
+  mesh = make_mesh(cfg.mesh)
+  tokenizer, _ = pipeline.prepare(cfg.data, cfg.model.vocab_size)
+  if is_main:
+    workdir_lib.save_run_files(workdir, cfg, tokenizer)
+
+  model = init_model(cfg, mesh)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  optimizer = make_optimizer(cfg.train.optimizer, cfg.train.num_steps)
+  lr_schedule = learning_rate_schedule(cfg.train.optimizer, cfg.train.num_steps)
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(optimizer.init)(params)
+
+  local_batch = cfg.train.batch_size // jax.process_count()
+  train_iter = pipeline.make_iterator(
+      cfg.data, tokenizer, split="train", batch_size=local_batch, seed=cfg.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_epochs=None if cfg.data.num_epochs == -1 else cfg.data.num_epochs)
+
+  ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+  start_step = ckpt.latest_step() or 0
+  if start_step:
+    params, opt_state, data_state, meta = ckpt.restore(start_step, params, opt_state)
+    pipeline.restore_iterator(train_iter, data_state)
+    logging.info("Resumed from step %d (data position restored, seed %d).", start_step, meta["seed"])
+  writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
+
+  step_fn = make_train_step(graphdef, rest, optimizer, lr_schedule, cfg, tokenizer.mask_id)
+  tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+  pending = _Pending()
+  bar = tqdm(total=cfg.train.num_steps, initial=start_step, disable=not (progress and is_main),
+             desc="train", unit="step", dynamic_ncols=True)
+  last = {}
+  try:
+    with jax.set_mesh(mesh):
+      for step in range(start_step, cfg.train.num_steps):
+        batch = global_batch(next(train_iter), mesh)
+        params, opt_state, metrics = step_fn(params, opt_state, batch, step)
+        pending.add(step, metrics, tokens_per_step)
+        done = step + 1
+        is_last = done == cfg.train.num_steps
+        if done % cfg.train.log_every == 0 or is_last:
+          last = pending.flush() or last
+          writer.write(done, last)
+          bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
+        if done % cfg.train.checkpoint_every == 0 or is_last:
+          pending.flush()  # never checkpoint a state whose losses were not checked
+          ckpt.save(done, params, opt_state, pipeline.iterator_state(train_iter),
+                    {"step": done, "seed": cfg.seed})
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and not is_last:
+          writer.write(done, _evaluate(cfg, graphdef, params, rest, tokenizer))
+        bar.update(1)
+      result = _evaluate(cfg, graphdef, params, rest, tokenizer)
+      writer.write(cfg.train.num_steps, result)
+      if is_main:
+        workdir_lib.write_json(workdir, "eval.json", {"step": cfg.train.num_steps, **result})
+  finally:
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  return result
+
+
+def _evaluate(cfg, graphdef, params, rest, tokenizer) -> dict:
+  return evaluate.evaluate(cfg, nnx.merge(graphdef, params, rest), tokenizer)

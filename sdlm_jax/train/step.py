@@ -1,0 +1,71 @@
+"""The jitted train step: corrupt -> forward -> loss -> grads -> AdamW update.
+
+Params and optimizer state are plain pytrees (nnx.State / optax state) passed as jit
+arguments and donated, so one compiled program serves every step and buffers are reused.
+Gradient accumulation scans over micro-batches inside the same program.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from sdlm_jax.diffusion import objectives
+
+
+def step_rng(seed: int, step):
+  """The step's randomness is a pure function of (seed, step): resuming replays it exactly."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), step)
+
+
+def make_loss_fn(graphdef, rest, diffusion_cfg, mask_id: int):
+  """loss_fn(params, batch, rng) -> (data loss + router aux loss, metrics)."""
+  def loss_fn(params, batch, rng):
+    model = nnx.merge(graphdef, params, rest)
+    def apply_fn(tokens_BxL, segment_ids_BxL, positions_BxL):
+      return model(tokens_BxL, segment_ids_BxL=segment_ids_BxL, positions_BxL=positions_BxL)
+    loss, metrics = objectives.compute_loss(apply_fn, batch, rng, diffusion_cfg, mask_id=mask_id)
+    aux = metrics.pop("aux")
+    metrics["aux_loss"] = aux["aux_loss"]
+    metrics.update({f"router/{k}": v for k, v in aux["router"].items()})
+    metrics["data_loss"] = loss
+    return loss + aux["aux_loss"], metrics
+  return loss_fn
+
+
+def _split_microbatches(batch, num_micro: int):
+  return jax.tree.map(lambda x: x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:]), batch)
+
+
+def _sum_buckets(metrics):
+  """Micro-batch means, except per-t-bucket sums/counts, which add up."""
+  return {k: (v.sum(0) if k.startswith("t_bucket") else v.mean(0)) for k, v in metrics.items()}
+
+
+def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, lr_schedule, cfg,
+                    mask_id: int):
+  """Returns step(params, opt_state, batch, step) -> (params, opt_state, metrics), jitted."""
+  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, rest, cfg.diffusion, mask_id), has_aux=True)
+  num_micro = cfg.train.grad_accum_steps
+
+  def train_step(params, opt_state, batch, step):
+    rng = step_rng(cfg.seed, step)
+    if num_micro == 1:
+      (_, metrics), grads = grad_fn(params, batch, rng)
+    else:
+      micro = _split_microbatches(batch, num_micro)
+      def body(grads_acc, xs):
+        i, mb = xs
+        (_, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, grads_acc, g), m
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      grads, stacked = jax.lax.scan(body, zeros, (jnp.arange(num_micro), micro))
+      grads = jax.tree.map(lambda g: g / num_micro, grads)
+      metrics = _sum_buckets(stacked)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics.update(grad_norm=grad_norm, lr=lr_schedule(step))
+    return params, opt_state, metrics
+
+  return jax.jit(train_step, donate_argnums=(0, 1))

@@ -1,0 +1,64 @@
+"""What a run directory holds besides checkpoints, and how to reload a trained model.
+
+WORKDIR/config.json   the full resolved config (generation and evaluation rebuild from it)
+WORKDIR/tokenizer.model  the sentencepiece model the run was trained with
+WORKDIR/checkpoints/  orbax checkpoints (see sdlm_jax.train.checkpoint)
+WORKDIR/metrics.jsonl, WORKDIR/tensorboard/, WORKDIR/eval.json
+"""
+
+import json
+import os
+import shutil
+
+import ml_collections
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def write_json(workdir: str, name: str, obj) -> str:
+  path = os.path.join(workdir, name)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+  return path
+
+
+def save_run_files(workdir: str, cfg, tokenizer):
+  os.makedirs(workdir, exist_ok=True)
+  write_json(workdir, CONFIG_FILE, cfg.to_dict())
+  target = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.abspath(tokenizer.model_path) != os.path.abspath(target):
+    shutil.copyfile(tokenizer.model_path, target + ".tmp")
+    os.replace(target + ".tmp", target)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} a directory written by sdlm-train?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_tokenizer(workdir: str):
+  from sdlm_jax.data.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
+  return Tokenizer.load(os.path.join(workdir, TOKENIZER_FILE))
+
+
+def load_trained_model(workdir: str, step=None):
+  """(cfg, tokenizer, model with the checkpoint's params, step) for generation/evaluation."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from sdlm_jax.parallel.mesh import make_mesh  # pylint: disable=import-outside-toplevel
+  from sdlm_jax.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from sdlm_jax.train.loop import init_model  # pylint: disable=import-outside-toplevel
+
+  cfg = load_config(workdir)
+  tokenizer = load_tokenizer(workdir)
+  model = init_model(cfg, make_mesh(cfg.mesh))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints, async_save=False)
+  params, step = ckpt.restore_params(params, step)
+  ckpt.close()
+  return cfg, tokenizer, nnx.merge(graphdef, params, rest), step

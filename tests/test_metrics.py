@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from sdlm_jax.train.metrics import MetricsWriter, all_finite, summarize
+from sdlm_jax.train.metrics import MetricsWriter, first_nonfinite, summarize
 
 
 def test_summarize_means_and_bucket_losses():
@@ -20,9 +20,11 @@ def test_summarize_means_and_bucket_losses():
   assert out["loss_t0.00-0.50"] == 1.5 and out["loss_t0.50-1.00"] == 3.0
 
 
-def test_all_finite_finds_first_bad_step():
-  assert all_finite([{"loss": 1.0}, {"loss": 2.0}]) is None
-  assert all_finite([{"loss": 1.0}, {"loss": float("nan")}, {"loss": float("inf")}]) == 1
+def test_first_nonfinite_finds_first_bad_step():
+  ok = {"total_loss": 1.0, "grad_norm": 1.0}
+  assert first_nonfinite([ok, ok]) is None
+  assert first_nonfinite([ok, {"total_loss": float("nan"), "grad_norm": 1.0}, ok]) == 1
+  assert first_nonfinite([ok, ok, {"total_loss": 1.0, "grad_norm": float("inf")}]) == 2
 
 
 def test_writer_appends_and_truncates_on_resume(tmp_path):

@@ -24,7 +24,7 @@ from sdlm_jax.parallel.mesh import make_mesh
 from sdlm_jax.parallel.rules import get_rules
 from sdlm_jax.train import evaluate
 from sdlm_jax.train.checkpoint import Checkpointer
-from sdlm_jax.train.metrics import MetricsWriter, all_finite, summarize
+from sdlm_jax.train.metrics import MetricsWriter, first_nonfinite, summarize
 from sdlm_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from sdlm_jax.train.step import make_train_step
 
@@ -64,10 +64,10 @@ class _Pending:
     if not self.items:
       return None
     host = jax.device_get([m for _, m in self.items])
-    bad = all_finite(host)
+    bad = first_nonfinite(host)
     if bad is not None:
       raise NonFiniteLossError(
-          f"loss is {host[bad]['loss']} at step {self.items[bad][0] + 1}; stopping without saving. "
+          f"loss {host[bad]['total_loss']} / grad norm {host[bad]['grad_norm']} at step {self.items[bad][0] + 1}; stopping without saving. "
           "Lower train.optimizer.lr, raise warmup, or check the data; the run resumes from the last "
           "good checkpoint.")
     elapsed = time.perf_counter() - self.since

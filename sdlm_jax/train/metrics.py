@@ -34,10 +34,10 @@ def summarize(step_metrics: list[dict]) -> dict:
   return out
 
 
-def all_finite(step_metrics: list[dict], key: str = "loss") -> int | None:
-  """Index of the first step whose `key` is NaN/Inf, or None."""
+def first_nonfinite(step_metrics: list[dict], keys=("total_loss", "grad_norm")) -> int | None:
+  """Index of the first step where any of `keys` is NaN/Inf, or None."""
   for i, m in enumerate(step_metrics):
-    if not math.isfinite(float(m[key])):
+    if not all(math.isfinite(float(m[k])) for k in keys if k in m):
       return i
   return None
 

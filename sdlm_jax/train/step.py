@@ -28,8 +28,9 @@ def make_loss_fn(graphdef, rest, diffusion_cfg, mask_id: int):
     aux = metrics.pop("aux")
     metrics["aux_loss"] = aux["aux_loss"]
     metrics.update({f"router/{k}": v for k, v in aux["router"].items()})
-    metrics["data_loss"] = loss
-    return loss + aux["aux_loss"], metrics
+    total = loss + aux["aux_loss"]
+    metrics["total_loss"] = total
+    return total, metrics
   return loss_fn
 
 
@@ -63,9 +64,13 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, lr_
       grads = jax.tree.map(lambda g: g / num_micro, grads)
       metrics = _sum_buckets(stacked)
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    # A non-finite loss or gradient never reaches the state: the step is dropped (the loop
+    # then stops with an error), so whatever is checkpointed is the last good state.
+    ok = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     metrics.update(grad_norm=grad_norm, lr=lr_schedule(step))
-    return params, opt_state, metrics
+    return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
   return jax.jit(train_step, donate_argnums=(0, 1))

@@ -17,6 +17,7 @@ _NUM_T = flags.DEFINE_integer("num_t_samples", None, "Antithetic t samples per s
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_logs()
   from sdlm_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   from sdlm_jax.train import evaluate  # pylint: disable=import-outside-toplevel
   cfg, tokenizer, model, step = workdir_lib.load_trained_model(_WORKDIR.value)

@@ -28,6 +28,7 @@ def _override(value, default):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_logs()
   import jax  # pylint: disable=import-outside-toplevel
   from sdlm_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   from sdlm_jax.diffusion import sampler  # pylint: disable=import-outside-toplevel

@@ -6,7 +6,7 @@
 An existing workdir is resumed from its latest checkpoint.
 """
 
-from absl import app, logging
+from absl import app
 from ml_collections import config_flags
 
 from sdlm_jax.cli import common
@@ -18,8 +18,8 @@ _WORKDIR = common.define_workdir("runs/demo")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_logs()
   from sdlm_jax.train import loop  # pylint: disable=import-outside-toplevel
-  logging.set_verbosity(logging.INFO)
   result = loop.train(_CONFIG.value, _WORKDIR.value)
   print(" ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)))
 

@@ -5,8 +5,8 @@ There is no time embedding (masked diffusion needs none). Params live in `param_
 matmuls run in `dtype`, logits come back in float32.
 """
 
-import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from sdlm_jax.model.attention import Attention
@@ -46,6 +46,7 @@ class Transformer(nnx.Module):
   """model(tokens_BxL, segment_ids_BxL=, positions_BxL=) -> (logits_BxLxV f32, aux)."""
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
+    cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: the model graph is a jit static
     pd = dtype_of(cfg.param_dtype)
     self.cfg = cfg
     self.dtype = dtype_of(cfg.dtype)

@@ -104,7 +104,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   if start_step:
     params, opt_state, data_state, meta = ckpt.restore(start_step, params, opt_state)
     pipeline.restore_iterator(train_iter, data_state)
-    logging.info("Resumed from step %d (data position restored, seed %d).", start_step, meta["seed"])
+    print(f"Resumed from step {start_step} (data position restored, seed {meta['seed']}).", flush=True)
   writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
 
   step_fn = make_train_step(graphdef, rest, optimizer, lr_schedule, cfg, tokenizer.mask_id)

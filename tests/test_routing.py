@@ -1,0 +1,116 @@
+"""Routers against plain NumPy float64 loops (per expert for EC, per token for TC)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sdlm_jax.model import routing
+
+
+def ec_reference(logits_GxNxE, mask_GxN, k, activation):
+  """Each expert picks its top-C real-first tokens (ties: lower index); gates over pickers."""
+  g_count, n, e_count = logits_GxNxE.shape
+  c = n * k // e_count
+  picked = np.zeros(logits_GxNxE.shape, bool)
+  chosen = np.zeros((g_count, e_count, c), np.int64)
+  for g in range(g_count):
+    for e in range(e_count):
+      keys = [(-(logits_GxNxE[g, i, e] if mask_GxN[g, i] else -1e9), i) for i in range(n)]
+      order = [i for _, i in sorted(keys)][:c]
+      chosen[g, e] = order
+      for i in order:
+        picked[g, i, e] = mask_GxN[g, i]
+  gates = np.zeros(logits_GxNxE.shape)
+  for g in range(g_count):
+    for i in range(n):
+      experts = np.nonzero(picked[g, i])[0]
+      if len(experts) == 0:
+        continue
+      s = logits_GxNxE[g, i, experts].astype(np.float64)
+      w = np.exp(s - s.max()) if activation == "softmax" else 1 / (1 + np.exp(-s))
+      gates[g, i, experts] = w / w.sum()
+  return chosen, picked, gates
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("groups,tokens", [(3, 12), (1, 40)])  # sequence-level and batch-level groups
+def test_expert_choice_matches_per_expert_loop(activation, groups, tokens):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(groups, tokens, 4)).astype(np.float32)
+  logits[0, 3, :] = logits[0, 5, :]  # exact ties: lower index must win
+  mask = rng.random((groups, tokens)) > 0.2
+  idx, slot_gates, picked = routing.expert_choice(jnp.asarray(logits), jnp.asarray(mask), 2, activation, "xla")
+  ref_idx, ref_picked, ref_gates = ec_reference(logits, mask, 2, activation)
+  np.testing.assert_array_equal(np.asarray(idx), ref_idx)
+  np.testing.assert_array_equal(np.asarray(picked), ref_picked)
+  g = np.arange(groups)[:, None, None]
+  e = np.arange(4)[None, :, None]
+  np.testing.assert_allclose(np.asarray(slot_gates), ref_gates[g, ref_idx, e], rtol=1e-5, atol=1e-7)
+  # a token nobody picked gets no gate at all; picked tokens' gates sum to 1
+  sums = ref_gates.sum(-1)
+  assert np.allclose(sums[ref_picked.any(-1)], 1.0) and np.all(sums[~ref_picked.any(-1)] == 0)
+
+
+def test_padding_is_never_picked_before_real_tokens():
+  logits = np.full((1, 8, 2), -5.0, np.float32)
+  logits[0, :4] = 10.0  # padding has the highest scores...
+  mask = np.array([[False] * 4 + [True] * 4])
+  _, _, picked = routing.expert_choice(jnp.asarray(logits), jnp.asarray(mask), 1, "softmax", "xla")
+  assert not np.asarray(picked)[0, :4].any() and np.asarray(picked)[0, 4:].all()  # C=4 per expert
+
+
+def test_capacity_zero_is_a_clear_error():
+  with pytest.raises(ValueError, match="model.moe.top_k"):
+    routing.ec_capacity(8, 1, 64)
+
+
+def test_token_wise_balance_loss_is_one_when_uniform_and_matches_formula():
+  n, e, k = 8, 4, 2
+  logits = np.zeros((1, n, e), np.float32)
+  mask = np.ones((1, n), bool)
+  _, _, picked = routing.expert_choice(jnp.asarray(logits), jnp.asarray(mask), k, "softmax", "xla")
+  loss = routing.token_wise_balance_loss(jnp.asarray(logits), picked, jnp.asarray(mask), k)
+  assert float(loss) == pytest.approx(1.0, rel=1e-6)
+
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(2, n, e)).astype(np.float32)
+  mask = np.ones((2, n), bool)
+  _, ref_picked, _ = ec_reference(logits, mask, k, "softmax")
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p = p / p.sum(1, keepdims=True)
+  expected = np.mean([(p[g].sum(-1) * ref_picked[g].sum(-1)).sum() / (e * k) for g in range(2)])
+  got = routing.token_wise_balance_loss(jnp.asarray(logits), jnp.asarray(ref_picked), jnp.asarray(mask), k)
+  assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_token_choice_matches_per_token_loop(activation):
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(10, 6)).astype(np.float32)
+  mask = np.ones(10, bool)
+  mask[7] = False
+  idx, gates, probs = routing.token_choice(jnp.asarray(logits), jnp.asarray(mask), 2, activation)
+  for i in range(10):
+    s = logits[i].astype(np.float64)
+    p = np.exp(s - s.max()) / np.exp(s - s.max()).sum() if activation == "softmax" else 1 / (1 + np.exp(-s))
+    top = np.argsort(-p, kind="stable")[:2]
+    np.testing.assert_array_equal(np.asarray(idx)[i], top)
+    want = p[top] / p[top].sum() if mask[i] else np.zeros(2)
+    np.testing.assert_allclose(np.asarray(gates)[i], want, rtol=1e-5, atol=1e-7)
+  # Switch loss = E * sum_e f_e P_e over real tokens
+  real = np.nonzero(mask)[0]
+  pn = np.asarray(probs, np.float64)[real]
+  pn = pn / pn.sum(-1, keepdims=True)
+  f = np.bincount(np.asarray(idx)[real].ravel(), minlength=6) / (len(real) * 2)
+  expected = 6 * np.sum(f * pn.mean(0))
+  got = routing.switch_aux_loss(probs, idx, jnp.asarray(mask))
+  assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_routing_stats_hand_case():
+  stats = routing.routing_stats(jnp.array([0, 2, 4, 9]), jnp.array([1, 3]), jnp.array([True, True, True, False]))
+  assert float(stats["frac_tokens_zero_experts"]) == pytest.approx(1 / 3)
+  assert float(stats["experts_per_token_mean"]) == pytest.approx(2.0)
+  assert float(stats["experts_per_token_min"]) == 0 and float(stats["experts_per_token_max"]) == 4
+  assert float(stats["experts_per_token_std"]) == pytest.approx(np.std([0, 2, 4]))
+  np.testing.assert_allclose(stats["expert_load"], [0.25, 0.75])

@@ -1,11 +1,12 @@
 """Demo: a tiny expert-choice MoE diffusion LM on the embedded Shakespeare corpus.
 
-Command (2 CPU cores, about 6 minutes including tokenizer training):
+Command (2 CPU cores: about 7 minutes including tokenizer training and evaluation):
   sdlm-train --config configs/demo.py --workdir runs/demo
-  sdlm-generate --workdir runs/demo --prompt "KING." --length 48 --steps 48
+  sdlm-generate --workdir runs/demo --prompt "KING HENRY." --prompt "To be, or not to be"
 
-Expected result: validation ELBO perplexity bound far below the unigram baseline (see the
-README's demo table for measured numbers) and samples made of recognisable English words.
+Expected result (1000 steps of 16 x 128 tokens, ~2M tokens, 1.2 epochs): validation ELBO
+perplexity bound ~150 against ~435 for a unigram model of the same split, and samples in the
+shape of a play (speaker names, stage directions) made mostly of English words.
 
 The argument picks a variant with the same active FLOPs per token, and `smoke` shrinks any
 of them for a CPU test in seconds:
@@ -29,7 +30,7 @@ def get_config(arg: str = "ec"):
     raise ValueError(f"configs/demo.py: unknown argument(s) {sorted(unknown)}; allowed: {VARIANTS + ('smoke',)}")
 
   c = get_base_config()
-  c.model.vocab_size = 4096
+  c.model.vocab_size = 2048
   c.model.num_layers = 4
   c.model.d_model = 256
   c.model.num_heads = 4
@@ -55,17 +56,20 @@ def get_config(arg: str = "ec"):
     c.diffusion.loss = "ar"
 
   c.data.seq_len = 128
-  c.train.batch_size = 32
-  c.train.num_steps = 1200
-  c.train.log_every = 20
-  c.train.checkpoint_every = 300
-  c.train.optimizer.lr = 2e-3
-  c.train.optimizer.warmup_steps = 100
+  c.train.batch_size = 16
+  c.train.num_steps = 1000
+  c.train.log_every = 25
+  c.train.checkpoint_every = 250
+  c.train.optimizer.lr = 3e-3
+  c.train.optimizer.warmup_steps = 50
   c.train.optimizer.schedule = "wsd"
   c.eval.num_batches = 8
 
   c.sample.length = 48
   c.sample.steps = 48
+  c.sample.block_size = 8      # semi-autoregressive blocks keep a tiny model's samples coherent
+  c.sample.temperature = 1.0
+  c.sample.top_p = 0.9
 
   if "smoke" in options:
     c.model.vocab_size = 512

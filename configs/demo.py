@@ -4,7 +4,7 @@ Command (2 CPU cores: about 7 minutes including tokenizer training and evaluatio
   sdlm-train --config configs/demo.py --workdir runs/demo
   sdlm-generate --workdir runs/demo --prompt "KING HENRY." --prompt "To be, or not to be"
 
-Expected result (1000 steps of 16 x 128 tokens, ~2M tokens, 1.2 epochs): validation ELBO
+Expected result (1000 steps of 16 x 128 tokens, ~2M tokens, 1.1 epochs): validation ELBO
 perplexity bound ~150 against ~435 for a unigram model of the same split, and samples in the
 shape of a play (speaker names, stage directions) made mostly of English words.
 

@@ -126,7 +126,7 @@ def restore_iterator(it: grain.DatasetIterator, state: dict):
 def token_counts(data_cfg, tokenizer: Tokenizer, split: str = "train") -> np.ndarray:
   """Unigram counts over a split (cached next to the split's files)."""
   path = split_path(data_cfg, split)
-  cache = f"{path}.counts_{os.path.basename(tokenizer.model_path)}.npy"
+  cache = f"{path}.counts_{tokenizer.fingerprint}.npy"
   if os.path.exists(cache):
     return np.load(cache)
   counts = np.zeros(tokenizer.vocab_size, np.int64)

@@ -5,6 +5,7 @@ structure survives a round trip). Byte fallback makes any text encodable. The mo
 trained in-process on the corpus and cached by vocabulary size and corpus fingerprint.
 """
 
+import hashlib
 import io
 import os
 import tempfile
@@ -31,6 +32,11 @@ class Tokenizer:
     if not os.path.exists(model_path):
       raise FileNotFoundError(f"tokenizer model {model_path} not found")
     return cls(model_path)
+
+  @property
+  def fingerprint(self) -> str:
+    """Content hash of the model: caches derived from a tokenizer are keyed by it."""
+    return hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()[:16]
 
   @property
   def vocab_size(self) -> int:

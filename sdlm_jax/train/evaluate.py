@@ -15,6 +15,7 @@ from sdlm_jax.diffusion import likelihood
 
 def validation_batches(cfg, tokenizer, batch_size: int, num_batches: int) -> list[dict]:
   """The first `num_batches` validation batches, in a fixed order (no shuffle, one epoch)."""
+  pipeline.prepare(cfg.data, cfg.model.vocab_size)  # cached; rebuilds the splits if data_dir was cleared
   val_cfg = cfg.data.copy_and_resolve_references()
   val_cfg.shuffle = False
   it = pipeline.make_iterator(val_cfg, tokenizer, split="val", batch_size=batch_size, seed=cfg.eval.seed,

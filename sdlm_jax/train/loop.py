@@ -7,6 +7,7 @@ step and data-iterator position are restored and training continues as if never 
 A NaN/Inf loss stops the run before any checkpoint of the bad state is written.
 """
 
+import os
 import time
 
 import jax
@@ -59,17 +60,26 @@ class _Pending:
     self.items.append((step, metrics))
     self.tokens += tokens
 
-  def flush(self):
-    """Fetches pending metrics; raises NonFiniteLossError at the first bad step."""
-    if not self.items:
-      return None
+  def _fetch(self):
+    """Host copies of the pending metrics; raises NonFiniteLossError at the first bad step."""
     host = jax.device_get([m for _, m in self.items])
     bad = first_nonfinite(host)
     if bad is not None:
       raise NonFiniteLossError(
-          f"loss {host[bad]['total_loss']} / grad norm {host[bad]['grad_norm']} at step {self.items[bad][0] + 1}; stopping without saving. "
-          "Lower train.optimizer.lr, raise warmup, or check the data; the run resumes from the last "
-          "good checkpoint.")
+          f"loss {host[bad]['total_loss']} / grad norm {host[bad]['grad_norm']} at step "
+          f"{self.items[bad][0] + 1}; stopping without saving. Lower train.optimizer.lr, raise "
+          "warmup, or check the data; the run resumes from the last good checkpoint.")
+    return host
+
+  def check(self):
+    """Verifies the pending steps are finite, keeping them for the next log line."""
+    self._fetch()
+
+  def flush(self):
+    """Averages and clears the pending steps (None if there are none)."""
+    if not self.items:
+      return None
+    host = self._fetch()
     elapsed = time.perf_counter() - self.since
     out = summarize(host)
     out["tokens_per_sec"] = self.tokens / max(elapsed, 1e-9)
@@ -80,6 +90,8 @@ class _Pending:
 def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
   config_lib.validate(cfg, jax.device_count(), jax.process_count())
+  cfg = cfg.copy_and_resolve_references()
+  cfg.data.data_dir = os.path.abspath(cfg.data.data_dir)  # config.json must work from any directory
   is_main = jax.process_index() == 0
   mesh = make_mesh(cfg.mesh)
   tokenizer, _ = pipeline.prepare(cfg.data, cfg.model.vocab_size)
@@ -126,14 +138,15 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
           writer.write(done, last)
           bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
         if done % cfg.train.checkpoint_every == 0 or is_last:
-          pending.flush()  # never checkpoint a state whose losses were not checked
+          pending.check()  # never checkpoint a state whose losses were not checked
           ckpt.save(done, params, opt_state, pipeline.iterator_state(train_iter),
                     {"step": done, "seed": cfg.seed})
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and not is_last:
           writer.write(done, _evaluate(cfg, graphdef, params, rest, tokenizer))
         bar.update(1)
       result = _evaluate(cfg, graphdef, params, rest, tokenizer)
-      writer.write(cfg.train.num_steps, result)
+      if start_step < cfg.train.num_steps:  # a finished run re-evaluates without re-logging
+        writer.write(cfg.train.num_steps, result)
       if is_main:
         workdir_lib.write_json(workdir, "eval.json", {"step": cfg.train.num_steps, **result})
   finally:

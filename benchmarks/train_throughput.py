@@ -7,7 +7,7 @@ the model's analytic FLOPs (sdlm_jax.scaling.flops). For EC that ratio must stay
 dispatch adds no hidden matmul work. On CPU, `lax.ragged_dot` (the TC path) is costed and run
 as a dense matmul over all experts, so TC's ratio there is about num_experts/top_k.
 
-  python benchmarks/train_throughput.py [--steps 10] [--rounds 3] [--batch 32]
+  python benchmarks/train_throughput.py [--steps 10] [--rounds 3] [--batch 16]
 """
 
 import argparse
@@ -70,7 +70,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
   parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
-  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--batch", type=int, default=16)
   args = parser.parse_args()
 
   variants = {"dense": "dense", "ec-moe": "ec", "tc-moe": "tc"}

@@ -7,11 +7,23 @@ import jax
 import jax.numpy as jnp
 
 
-def gmm(lhs_MxK, rhs_GxKxN, group_sizes_G, preferred_element_type=None):
-  """Grouped matmul: rows of lhs are sorted by group; rows past sum(group_sizes) are zero."""
-  return jax.lax.ragged_dot(
-      lhs_MxK, rhs_GxKxN, group_sizes_G.astype(jnp.int32),
-      preferred_element_type=preferred_element_type)
+def gmm(lhs_MxK, rhs_GxKxN, group_sizes_G, preferred_element_type=None, group_offset=None):
+  """Grouped matmul: rows of lhs are sorted by group; rows past sum(group_sizes) are zero.
+
+  With `group_offset`, rhs holds only groups [offset, offset + rhs.shape[0]); the rows before
+  and after them go to two zero weight groups, so they come out zero.
+  """
+  sizes = group_sizes_G.astype(jnp.int32)
+  if group_offset is not None:
+    local = rhs_GxKxN.shape[0]
+    ends = jnp.cumsum(sizes)
+    start = jnp.where(group_offset > 0, ends[jnp.maximum(group_offset - 1, 0)], 0)
+    local_sizes = jax.lax.dynamic_slice_in_dim(sizes, group_offset, local)
+    after = lhs_MxK.shape[0] - start - jnp.sum(local_sizes)
+    sizes = jnp.concatenate([start[None], local_sizes, after[None]]).astype(jnp.int32)
+    zeros = jnp.zeros((1,) + rhs_GxKxN.shape[1:], rhs_GxKxN.dtype)
+    rhs_GxKxN = jnp.concatenate([zeros, rhs_GxKxN, zeros])
+  return jax.lax.ragged_dot(lhs_MxK, rhs_GxKxN, sizes, preferred_element_type=preferred_element_type)
 
 
 def tgmm(lhs_MxK, grad_MxN, group_sizes_G, preferred_element_type=None):

@@ -39,7 +39,7 @@ def test_expert_choice_matches_per_expert_loop(activation, groups, tokens):
   logits = rng.normal(size=(groups, tokens, 4)).astype(np.float32)
   logits[0, 3, :] = logits[0, 5, :]  # exact ties: lower index must win
   mask = rng.random((groups, tokens)) > 0.2
-  idx, slot_gates, picked = routing.expert_choice(jnp.asarray(logits), jnp.asarray(mask), 2, activation, "xla")
+  idx, slot_gates, picked = routing.expert_choice(jnp.asarray(logits), jnp.asarray(mask), 2, activation)
   ref_idx, ref_picked, ref_gates = ec_reference(logits, mask, 2, activation)
   np.testing.assert_array_equal(np.asarray(idx), ref_idx)
   np.testing.assert_array_equal(np.asarray(picked), ref_picked)
@@ -55,7 +55,7 @@ def test_padding_is_never_picked_before_real_tokens():
   logits = np.full((1, 8, 2), -5.0, np.float32)
   logits[0, :4] = 10.0  # padding has the highest scores...
   mask = np.array([[False] * 4 + [True] * 4])
-  _, _, picked = routing.expert_choice(jnp.asarray(logits), jnp.asarray(mask), 1, "softmax", "xla")
+  _, _, picked = routing.expert_choice(jnp.asarray(logits), jnp.asarray(mask), 1, "softmax")
   assert not np.asarray(picked)[0, :4].any() and np.asarray(picked)[0, 4:].all()  # C=4 per expert
 
 
@@ -68,7 +68,7 @@ def test_token_wise_balance_loss_is_one_when_uniform_and_matches_formula():
   n, e, k = 8, 4, 2
   logits = np.zeros((1, n, e), np.float32)
   mask = np.ones((1, n), bool)
-  _, _, picked = routing.expert_choice(jnp.asarray(logits), jnp.asarray(mask), k, "softmax", "xla")
+  _, _, picked = routing.expert_choice(jnp.asarray(logits), jnp.asarray(mask), k, "softmax")
   loss = routing.token_wise_balance_loss(jnp.asarray(logits), picked, jnp.asarray(mask), k)
   assert float(loss) == pytest.approx(1.0, rel=1e-6)
 

@@ -71,11 +71,11 @@ class MoE(nnx.Module):
     else:
       raise ValueError(f"model.moe.ec_group={moe.ec_group!r}; allowed values: sequence, batch")
     token_idx_GxExC, gates_GxExC, picked_GxNxE = routing.expert_choice(
-        logits_GxNxE, mask_GxN, moe.top_k, moe.router_activation, moe.backend)
-    xe_GxExCxD = pallas_kernels.ec_dispatch(x_GxNxD, token_idx_GxExC, backend=moe.backend)
+        logits_GxNxE, mask_GxN, moe.top_k, moe.router_activation)
+    xe_GxExCxD = pallas_kernels.ec_dispatch(x_GxNxD, token_idx_GxExC)
     ye_GxExCxD = self._experts(xe_GxExCxD)
     y_GxNxD = pallas_kernels.ec_combine(
-        ye_GxExCxD, token_idx_GxExC, gates_GxExC.astype(ye_GxExCxD.dtype), x_GxNxD.shape[1], backend=moe.backend)
+        ye_GxExCxD, token_idx_GxExC, gates_GxExC.astype(ye_GxExCxD.dtype), x_GxNxD.shape[1])
     balance = routing.token_wise_balance_loss(logits_GxNxE, picked_GxNxE, mask_GxN, moe.top_k)
     stats = routing.routing_stats(
         jnp.sum(picked_GxNxE, -1).reshape(-1), jnp.sum(picked_GxNxE, (0, 1)), mask_GxN.reshape(-1))

@@ -26,12 +26,12 @@ def ec_capacity(num_tokens: int, top_k: int, num_experts: int) -> int:
   return min(capacity, num_tokens)
 
 
-def expert_choice(logits_GxNxE, token_mask_GxN, top_k: int, activation: str, backend: str = "auto"):
+def expert_choice(logits_GxNxE, token_mask_GxN, top_k: int, activation: str):
   """Returns (token_idx_GxExC, slot_gates_GxExC, picked_GxNxE)."""
   num_groups, num_tokens, num_experts = logits_GxNxE.shape
   capacity = ec_capacity(num_tokens, top_k, num_experts)
   select_GxNxE = jnp.where(token_mask_GxN[..., None], logits_GxNxE, NEG_INF)
-  token_idx_GxExC, _ = pallas_kernels.expert_choice(jax.lax.stop_gradient(select_GxNxE), capacity, backend=backend)
+  token_idx_GxExC, _ = pallas_kernels.expert_choice(jax.lax.stop_gradient(select_GxNxE), capacity)
   g_idx = jnp.arange(num_groups)[:, None, None]
   e_idx = jnp.arange(num_experts)[None, :, None]
   picked_GxNxE = jnp.zeros(logits_GxNxE.shape, bool).at[g_idx, token_idx_GxExC, e_idx].set(True)

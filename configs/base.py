@@ -109,4 +109,5 @@ def get_base_config() -> ml_collections.ConfigDict:
   mesh.fsdp = 1
   mesh.expert = 1
   mesh.model = 1
+  mesh.rules = "default"        # logical-axis rule set (sdlm_jax/parallel/rules.py): default | data
   return c

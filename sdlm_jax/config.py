@@ -11,6 +11,7 @@ import ml_collections
 
 from pallas_kernels import BACKENDS
 from sdlm_jax.parallel.mesh import mesh_shape
+from sdlm_jax.parallel.rules import RULE_SETS
 
 ROUTERS = ("expert_choice", "token_choice")
 EC_GROUPS = ("sequence", "batch")
@@ -118,6 +119,7 @@ def _check_train(cfg, num_devices, process_count):
         f"train.optimizer.warmup_steps={t.optimizer.warmup_steps}; allowed values: 0..train.num_steps={t.num_steps}")
   if not 0.0 <= t.optimizer.decay_fraction <= 1.0:
     raise ConfigError(f"train.optimizer.decay_fraction={t.optimizer.decay_fraction}; allowed values: [0, 1]")
+  _one_of("mesh.rules", cfg.mesh.rules, tuple(RULE_SETS))
   sizes = dict(zip(("data", "fsdp", "expert", "model"), mesh_shape(cfg.mesh, num_devices)))
   batch_shards = sizes["data"] * sizes["fsdp"]
   divisor = math.lcm(batch_shards, process_count) * t.grad_accum_steps

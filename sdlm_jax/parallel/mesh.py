@@ -11,7 +11,7 @@ from sdlm_jax.parallel.rules import MESH_AXES
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   """Resolves the per-axis sizes; at most one axis may be -1 (fills the remainder)."""
-  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]  # other fields (e.g. rules) are not axes
   fill = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
   if len(fill) > 1:
     raise ValueError(f"mesh: only one axis may be -1, got {fill}")

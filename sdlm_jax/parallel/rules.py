@@ -36,8 +36,15 @@ _ACTIVATION_RULES = (
     ("activation_capacity", None),
 )
 
+def _replicate_params(rules):
+  return tuple((name, None) for name, _ in rules)
+
+
 RULE_SETS = {
+    # FSDP over `fsdp`, experts over `expert`, tensor parallelism over `model`.
     "default": _ACTIVATION_RULES + _PARAM_RULES,
+    # Pure data parallelism: every param replicated, only the batch is split.
+    "data": _ACTIVATION_RULES + _replicate_params(_PARAM_RULES),
 }
 
 

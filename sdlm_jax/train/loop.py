@@ -44,7 +44,7 @@ def global_batch(local_batch: dict, mesh) -> dict:
 
 def init_model(cfg, mesh):
   """Builds the model under the mesh and logical rules, so params are created sharded."""
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules()):
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules(cfg.mesh.rules)):
     return Transformer(cfg.model, rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(cfg.seed), 0)))
 
 

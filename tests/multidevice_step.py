@@ -1,0 +1,50 @@
+"""One train-step forward/backward on a mesh of fake CPU devices, printed as JSON.
+
+Run by tests/test_sharding.py in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (which must be set before jax starts).
+  python tests/multidevice_step.py VARIANT DATA,FSDP,EXPERT,MODEL,RULES [...]
+prints one JSON line per mesh.
+"""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from configs import demo
+from sdlm_jax.parallel.mesh import make_mesh
+from sdlm_jax.train.loop import global_batch, init_model
+from sdlm_jax.train.step import make_loss_fn, step_rng
+
+
+def main(variant, data, fsdp, expert, model, rules):
+  cfg = demo.get_config(f"{variant},smoke")
+  cfg.model.dtype = "float32"
+  cfg.model.num_kv_heads = 2  # shardable over a model axis of 2
+  cfg.train.batch_size = 16
+  cfg.mesh.update(data=int(data), fsdp=int(fsdp), expert=int(expert), model=int(model), rules=rules)
+  num = int(data) * int(fsdp) * int(expert) * int(model)
+  mesh = make_mesh(cfg.mesh, jax.devices()[:num])
+  graphdef, params, rest = nnx.split(init_model(cfg, mesh), nnx.Param, ...)
+  rng = np.random.default_rng(0)
+  shape = (cfg.train.batch_size, cfg.data.seq_len)
+  seg = np.ones(shape, np.int32)
+  seg[3, 20:] = 0
+  batch = global_batch({"tokens": rng.integers(5, cfg.model.vocab_size, shape, dtype=np.int32),
+                        "segment_ids": seg,
+                        "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()}, mesh)
+  loss_fn = make_loss_fn(graphdef, rest, cfg.diffusion, 4)
+  with jax.set_mesh(mesh):
+    (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch, step_rng(0, 0))
+  flat = {"/".join(map(str, path)): np.asarray(jax.device_get(g)).ravel()[:64].tolist()
+          for path, g in jax.tree_util.tree_leaves_with_path(grads)}
+  shardings = sorted({str(p.sharding.spec) for p in jax.tree.leaves(params)})
+  print(json.dumps({"loss": float(loss), "grads": flat, "param_specs": shardings}))
+
+
+if __name__ == "__main__":
+  for spec in sys.argv[2:]:
+    main(sys.argv[1], *spec.split(","))

@@ -45,8 +45,12 @@ def resolve_backend(backend: str) -> str:
 
 
 def _only_xla(op: str, backend: str):
-  if resolve_backend(backend) != "xla":
-    raise NotImplementedError(f"pallas_kernels.{op}: only backend='xla' exists; XLA's gather/top-k is used")
+  """Expert-choice routing, dispatch and combine are XLA top-k/gather/scatter on every
+  platform ("auto" included, on TPU too); asking for a Pallas version is an error."""
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r}; allowed values: {', '.join(BACKENDS)}")
+  if backend not in ("auto", "xla"):
+    raise NotImplementedError(f"pallas_kernels.{op}: backend={backend!r} does not exist; use 'auto' or 'xla'")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))

@@ -80,3 +80,13 @@ def test_moe_layer_matches_naive_loop(router, group, shared):
   np.testing.assert_allclose(np.asarray(y)[mask], ref[mask], rtol=2e-4, atol=2e-5)
   assert np.isfinite(float(losses["load_balance_loss"])) and np.isfinite(float(losses["z_loss"]))
   assert float(stats["experts_per_token_min"]) >= 0
+
+
+def test_expert_choice_ops_are_xla_on_every_platform_including_tpu():
+  import pallas_kernels  # pylint: disable=import-outside-toplevel
+  with pallas_kernels.compile_for("tpu"):  # resolve backends as a TPU host would
+    idx, _ = pallas_kernels.expert_choice(jnp.zeros((1, 8, 2)), 4)
+    y = pallas_kernels.ec_dispatch(jnp.ones((1, 8, 3)), idx)
+  assert idx.shape == (1, 2, 4) and y.shape == (1, 2, 4, 3)
+  with pytest.raises(NotImplementedError, match="does not exist"):
+    pallas_kernels.expert_choice(jnp.zeros((1, 8, 2)), 4, backend="pallas")

@@ -39,7 +39,7 @@ def is_validation(doc: str, val_fraction: float) -> bool:
 
 
 def _write_records(path: str, docs):
-  tmp = path + ".tmp"
+  tmp = f"{path}.{os.getpid()}.tmp"  # processes preparing the same data never share a temp file
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   for d in docs:
     writer.write(d.encode("utf-8"))
@@ -135,6 +135,7 @@ def token_counts(data_cfg, tokenizer: Tokenizer, split: str = "train") -> np.nda
     ids = [tokenizer.bos_id, *tokenizer.encode(record.decode("utf-8")), tokenizer.eos_id]
     counts += np.bincount(ids, minlength=tokenizer.vocab_size)
   reader.close()
-  np.save(cache + ".tmp.npy", counts)
-  os.replace(cache + ".tmp.npy", cache)
+  tmp = f"{cache}.{os.getpid()}.tmp.npy"
+  np.save(tmp, counts)
+  os.replace(tmp, cache)
   return counts

@@ -5,15 +5,43 @@ Layout: WORKDIR/checkpoints/<step>/{params, opt_state, data, meta}. `params` is 
 so generation and evaluation restore it without the optimizer state.
 """
 
+import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 def _abstract(tree):
   """Shape/dtype/sharding targets for a restore, taken from a live (initialised) tree."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def gather_process_states(state: dict) -> list:
+  """Every process's (small, JSON-able) data-iterator state, in process order, on every process.
+
+  Each process reads its own shard of the data, so a checkpoint must keep all of their
+  positions; orbax writes JSON items from the primary process only, hence the all-gather.
+  """
+  if jax.process_count() == 1:
+    return [state]
+  raw = np.frombuffer(json.dumps(state).encode("utf-8"), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array([raw.size], np.int32))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:raw.size] = raw
+  gathered = np.asarray(multihost_utils.process_allgather(padded[None], tiled=True))
+  return [json.loads(bytes(row[:int(n)]).decode("utf-8")) for row, n in zip(gathered, np.ravel(lengths))]
+
+
+def own_process_state(saved: dict) -> dict:
+  """This process's entry of a saved data state (see gather_process_states)."""
+  states = saved["per_process"]
+  if len(states) != jax.process_count():
+    raise ValueError(f"checkpoint holds data positions for {len(states)} processes, this run has "
+                     f"{jax.process_count()}; resume with the same number of processes")
+  return states[jax.process_index()]
 
 
 class Checkpointer:

@@ -24,7 +24,7 @@ from sdlm_jax.model.transformer import Transformer
 from sdlm_jax.parallel.mesh import make_mesh
 from sdlm_jax.parallel.rules import get_rules
 from sdlm_jax.train import evaluate
-from sdlm_jax.train.checkpoint import Checkpointer
+from sdlm_jax.train.checkpoint import Checkpointer, gather_process_states, own_process_state
 from sdlm_jax.train.metrics import MetricsWriter, first_nonfinite, summarize
 from sdlm_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from sdlm_jax.train.step import make_train_step
@@ -115,7 +115,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   start_step = ckpt.latest_step() or 0
   if start_step:
     params, opt_state, data_state, meta = ckpt.restore(start_step, params, opt_state)
-    pipeline.restore_iterator(train_iter, data_state)
+    pipeline.restore_iterator(train_iter, own_process_state(data_state))
     print(f"Resumed from step {start_step} (data position restored, seed {meta['seed']}).", flush=True)
   writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
 
@@ -139,8 +139,8 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
           bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
         if done % cfg.train.checkpoint_every == 0 or is_last:
           pending.check()  # never checkpoint a state whose losses were not checked
-          ckpt.save(done, params, opt_state, pipeline.iterator_state(train_iter),
-                    {"step": done, "seed": cfg.seed})
+          data_states = gather_process_states(pipeline.iterator_state(train_iter))
+          ckpt.save(done, params, opt_state, {"per_process": data_states}, {"step": done, "seed": cfg.seed})
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and not is_last:
           writer.write(done, _evaluate(cfg, graphdef, params, rest, tokenizer))
         bar.update(1)

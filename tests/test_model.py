@@ -1,4 +1,4 @@
-"""Transformer: masks, GQA, shapes, gradients, logical axis names, mesh construction."""
+"""Transformer: masks, GQA, packing, shapes, gradients, aux contract, logical axes, meshes."""
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +8,13 @@ from flax import nnx
 
 from configs import demo
 from sdlm_jax.model.attention import Attention
+from sdlm_jax.model.moe import MoE
 from sdlm_jax.model.transformer import Transformer
 from sdlm_jax.parallel.mesh import make_mesh
 from sdlm_jax.parallel.rules import get_rules
+
+ROUTER_KEYS = {"frac_tokens_zero_experts", "experts_per_token_mean", "experts_per_token_min",
+               "experts_per_token_max", "experts_per_token_std", "expert_load", "load_balance_loss", "z_loss"}
 
 
 def _model_cfg(variant="ec,smoke", **overrides):
@@ -21,85 +25,135 @@ def _model_cfg(variant="ec,smoke", **overrides):
   return cfg
 
 
-def _build(cls, cfg, seed=0):
-  with nnx.use_eager_sharding(False):
-    return cls(cfg, rngs=nnx.Rngs(seed))
+# Jitted calls: one compile per module structure instead of one per op (much faster on CPU).
+_attend = nnx.jit(lambda attn, x, seg, pos: attn(x, seg, pos))
+_forward = nnx.jit(lambda model, tokens, seg=None, pos=None: model(tokens, segment_ids_BxL=seg, positions_BxL=pos))
+
+
+def _x(seed, shape):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape).astype(np.float32))
 
 
 def test_attention_isolates_segments_and_tolerates_padding():
   cfg = _model_cfg()
-  attn = _build(Attention, cfg)
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(1, 10, cfg.d_model)).astype(np.float32)
-  seg = np.array([[1, 1, 1, 1, 2, 2, 2, 0, 0, 0]])
-  pos = np.array([[0, 1, 2, 3, 0, 1, 2, 0, 0, 0]])
-  out = attn(jnp.asarray(x), jnp.asarray(seg), jnp.asarray(pos))
+  attn = Attention(cfg, rngs=nnx.Rngs(0))
+  x = np.asarray(_x(0, (2, 10, cfg.d_model)))
+  seg = jnp.asarray([[1, 1, 1, 1, 2, 2, 2, 0, 0, 0], [0] * 10])  # second row: all padding
+  pos = jnp.asarray([[0, 1, 2, 3, 0, 1, 2, 0, 0, 0], [0] * 10])
+  out = np.asarray(_attend(attn, jnp.asarray(x), seg, pos))
   x2 = x.copy()
-  x2[0, 4:] = rng.normal(size=(6, cfg.d_model))  # change segment 2 and the padding
-  out2 = attn(jnp.asarray(x2), jnp.asarray(seg), jnp.asarray(pos))
+  x2[0, 4:] = np.asarray(_x(1, (6, cfg.d_model)))  # change segment 2 and the padding
+  out2 = np.asarray(_attend(attn, jnp.asarray(x2), seg, pos))
   np.testing.assert_allclose(out[0, :4], out2[0, :4], rtol=1e-6, atol=1e-6)
   assert not np.allclose(out[0, 4:7], out2[0, 4:7])
-  assert np.all(np.isfinite(np.asarray(out)))
+  assert np.all(np.isfinite(out))
 
 
-def test_causal_flag_blocks_the_future():
-  cfg = _model_cfg(causal=True)
-  attn = _build(Attention, cfg)
-  rng = np.random.default_rng(1)
-  x = rng.normal(size=(1, 8, cfg.d_model)).astype(np.float32)
-  seg, pos = jnp.ones((1, 8), jnp.int32), jnp.arange(8)[None]
+@pytest.mark.parametrize("segmented", [False, True])
+def test_causal_flag_blocks_the_future(segmented):
+  causal = Attention(_model_cfg(causal=True), rngs=nnx.Rngs(1))
+  bidir = Attention(_model_cfg(causal=False), rngs=nnx.Rngs(1))
+  x = np.asarray(_x(1, (1, 8, causal.wq.shape[0])))
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0]]) if segmented else None
+  pos = jnp.arange(8)[None]
   x2 = x.copy()
   x2[0, 5:] += 1.0
-  a, b = attn(jnp.asarray(x), seg, pos), attn(jnp.asarray(x2), seg, pos)
+  a, b = _attend(causal, jnp.asarray(x), seg, pos), _attend(causal, jnp.asarray(x2), seg, pos)
   np.testing.assert_allclose(a[0, :5], b[0, :5], rtol=1e-6, atol=1e-6)
-  bidir = _build(Attention, _model_cfg(causal=False))
-  assert not np.allclose(bidir(jnp.asarray(x), seg, pos)[0, :5], bidir(jnp.asarray(x2), seg, pos)[0, :5])
+  assert not np.allclose(a[0, 5:7], b[0, 5:7])
+  c, d = _attend(bidir, jnp.asarray(x), seg, pos), _attend(bidir, jnp.asarray(x2), seg, pos)
+  assert not np.allclose(c[0, 3:5], d[0, 3:5])  # bidirectional: the past sees the future
+  assert np.all(np.isfinite(np.asarray(a)))
 
 
 def test_grouped_query_attention_equals_mha_with_repeated_kv():
-  gqa_cfg = _model_cfg(num_heads=4, num_kv_heads=2, qk_norm=False)
-  mha_cfg = _model_cfg(num_heads=4, num_kv_heads=4, qk_norm=False)
-  gqa, mha = _build(Attention, gqa_cfg), _build(Attention, mha_cfg)
-  mha.wq[...] = gqa.wq[...]
-  mha.wo[...] = gqa.wo[...]
-  mha.wk[...] = jnp.repeat(gqa.wk[...], 2, axis=1)
+  gqa = Attention(_model_cfg(num_heads=4, num_kv_heads=2), rngs=nnx.Rngs(2))
+  mha = Attention(_model_cfg(num_heads=4, num_kv_heads=4), rngs=nnx.Rngs(3))
+  mha.wq[...], mha.wo[...] = gqa.wq[...], gqa.wo[...]
+  mha.wk[...] = jnp.repeat(gqa.wk[...], 2, axis=1)  # query heads 2g and 2g+1 share kv head g
   mha.wv[...] = jnp.repeat(gqa.wv[...], 2, axis=1)
-  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 6, gqa_cfg.d_model)).astype(np.float32))
-  seg, pos = jnp.ones((2, 6), jnp.int32), jnp.broadcast_to(jnp.arange(6), (2, 6))
-  np.testing.assert_allclose(gqa(x, seg, pos), mha(x, seg, pos), rtol=1e-5, atol=1e-6)
+  x = _x(2, (2, 6, gqa.wq.shape[0]))
+  seg, pos = jnp.asarray([[1, 1, 1, 2, 2, 0]] * 2), jnp.broadcast_to(jnp.arange(6), (2, 6))
+  np.testing.assert_allclose(_attend(gqa, x, seg, pos), _attend(mha, x, seg, pos), rtol=1e-5, atol=1e-6)
+
+
+def test_splash_attention_is_refused_by_name():
+  attn = Attention(_model_cfg(attention="splash"), rngs=nnx.Rngs(0))
+  with pytest.raises(NotImplementedError, match="model.attention='splash'"):
+    attn(_x(0, (1, 4, attn.wq.shape[0])), None, jnp.arange(4)[None])
+
+
+def test_packed_document_equals_the_document_alone():
+  """Segments plus restarting positions: a packed document's logits are those of it alone."""
+  model = Transformer(_model_cfg("dense,smoke"), rngs=nnx.Rngs(4))
+  doc_a, doc_b = [7, 8, 9, 10, 11], [12, 13, 14]
+  packed = jnp.asarray([doc_a + doc_b])
+  seg, pos = jnp.asarray([[1] * 5 + [2] * 3]), jnp.asarray([list(range(5)) + list(range(3))])
+  logits, _ = _forward(model, packed, seg, pos)
+  alone, _ = _forward(model, jnp.asarray([doc_b + [0] * 5]), jnp.asarray([[1] * 3 + [0] * 5]))
+  np.testing.assert_allclose(logits[0, 5:], alone[0, :3], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["ec,smoke", "tc,smoke", "dense,smoke"])
-def test_model_shapes_dtypes_and_finite_gradients(variant):
-  cfg = _model_cfg(variant)
-  cfg.dtype = "bfloat16"
-  model = _build(Transformer, cfg)
+def test_model_shapes_dtypes_aux_and_finite_gradients(variant):
+  cfg = _model_cfg(variant, dtype="bfloat16")
+  cfg.moe.load_balance_weight, cfg.moe.z_loss_weight = 0.01, 0.001
+  model = Transformer(cfg, rngs=nnx.Rngs(3))
   tokens = jnp.asarray(np.random.default_rng(3).integers(5, cfg.vocab_size, (2, 16)), jnp.int32)
   seg = jnp.ones((2, 16), jnp.int32).at[1, 10:].set(0)
-  logits, aux = model(tokens, segment_ids_BxL=seg)
-  assert logits.shape == (2, 16, cfg.vocab_size) and logits.dtype == jnp.float32
-  assert (aux["router"] == {}) == (variant == "dense,smoke")
-
   graphdef, params = nnx.split(model, nnx.Param)
-  def loss(p):
-    lg, a = nnx.merge(graphdef, p)(tokens, segment_ids_BxL=seg)
-    return jnp.mean(jax.nn.logsumexp(lg, -1)) + a["aux_loss"]
-  grads = jax.grad(loss)(params)
-  leaves = jax.tree.leaves(grads)
-  assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+
+  @jax.jit
+  def loss_and_grads(p):
+    def loss(p):
+      logits, aux = nnx.merge(graphdef, p)(tokens, segment_ids_BxL=seg)
+      return jnp.mean(jax.nn.logsumexp(logits, -1)) + aux["aux_loss"], (logits, aux)
+    return jax.grad(loss, has_aux=True)(p)
+
+  grads, (logits, aux) = loss_and_grads(params)
+  assert logits.shape == (2, 16, cfg.vocab_size) and logits.dtype == jnp.float32
+  assert aux["aux_loss"].shape == () and aux["aux_loss"].dtype == jnp.float32
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  router = aux["router"]
+  if variant == "dense,smoke":
+    assert router == {} and float(aux["aux_loss"]) == 0.0
+    return
+  assert set(router) == ROUTER_KEYS
+  assert router["expert_load"].shape == (cfg.moe.num_experts,)
+  assert all(v.dtype == jnp.float32 for v in router.values())
+  num_moe = cfg.num_layers - cfg.moe.first_k_dense
+  expected = num_moe * (0.01 * router["load_balance_loss"] + 0.001 * router["z_loss"])
+  assert float(aux["aux_loss"]) == pytest.approx(float(expected), rel=1e-5)
+  if variant == "ec,smoke":  # each of 4 experts takes 16*2/4 = 8 real tokens per row: 64 picks, 26 real tokens
+    assert float(router["experts_per_token_mean"]) == pytest.approx(64 / 26, rel=1e-6)
+
+
+def test_first_k_dense_layers_and_all_padding_rows():
+  cfg = _model_cfg("ec,smoke", num_layers=3)
+  cfg.moe.first_k_dense = 2
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  assert [isinstance(b.ffn, MoE) for b in model.blocks] == [False, False, True]
+  seg = jnp.asarray([[1] * 8, [0] * 8])  # a row of padding only
+  logits, aux = _forward(model, jnp.full((2, 8), 5, jnp.int32), seg)
+  assert np.all(np.isfinite(np.asarray(logits))) and np.isfinite(float(aux["aux_loss"]))
+  assert all(np.all(np.isfinite(np.asarray(v))) for v in aux["router"].values())
 
 
 def test_every_param_carries_logical_axis_names_and_builds_under_a_mesh():
   cfg = _model_cfg("ec,smoke")
+  cfg.moe.ec_group = "batch"
   mesh = make_mesh(demo.get_config("ec,smoke").mesh)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules()):
     model = Transformer(cfg, rngs=nnx.Rngs(0))
-    logits, _ = model(jnp.ones((2, 8), jnp.int32))
-  assert logits.shape == (2, 8, cfg.vocab_size)
+    graphdef, state = nnx.split(model)
+    logits, aux = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, jnp.ones((2, 8), jnp.int32))
+  assert logits.shape == (2, 8, cfg.vocab_size) and set(aux["router"]) == ROUTER_KEYS
+  assert all(isinstance(p[...].sharding, jax.sharding.NamedSharding) for p in jax.tree.leaves(
+      nnx.state(model, nnx.Param), is_leaf=lambda v: isinstance(v, nnx.Variable)))
   allowed = {name for name, _ in get_rules()} | {None}
   params = nnx.state(model, nnx.Param)
   for path, var in nnx.to_flat_state(params):
     names = var.get_metadata().get("out_sharding")
     assert names is not None and len(names) == var[...].ndim, path
-    assert set(names) <= allowed, (path, names)
+    assert set(names) <= allowed and any(names), (path, names)

@@ -1,12 +1,15 @@
 """The whole MoE layer against a naive float64 loop over tokens and experts."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AbstractMesh, AxisType
 
 from configs import demo
-from sdlm_jax.model.moe import MoE
+from sdlm_jax.model.moe import MoE, batch_shards, ec_num_groups
+from sdlm_jax.parallel.rules import MESH_AXES, get_rules
 from tests.test_routing import ec_reference
 
 
@@ -26,67 +29,88 @@ def _swiglu(x, wg, wu, wd):
   return (g / (1 + np.exp(-g)) * (x @ wu)) @ wd
 
 
+def _scores(s, activation):
+  return np.exp(s - s.max()) / np.exp(s - s.max()).sum() if activation == "softmax" else 1 / (1 + np.exp(-s))
+
+
 def _reference(layer, cfg, x_BxLxD, mask_BxL):
-  p = {k: np.asarray(v, np.float64) for k, v in
-       (("router", layer.router[...]), ("wg", layer.w_gate[...]), ("wu", layer.w_up[...]), ("wd", layer.w_down[...]))}
+  """Loops over tokens and their experts in float64; shared experts one by one."""
+  moe = cfg.moe
+  f64 = lambda v: np.asarray(v[...], np.float64)
+  router, wg, wu, wd = f64(layer.router), f64(layer.w_gate), f64(layer.w_up), f64(layer.w_down)
   x = np.asarray(x_BxLxD, np.float64)
   b, l, d = x.shape
-  logits = x @ p["router"]
-  y = np.zeros_like(x)
-  moe = cfg.moe
+  flat_x, flat_mask = x.reshape(-1, d), mask_BxL.reshape(-1)
+  logits = flat_x @ router
+  routed = np.zeros_like(flat_x)
   if moe.router == "expert_choice":
-    groups = (x, logits, mask_BxL) if moe.ec_group == "sequence" else (
-        x.reshape(1, b * l, d), logits.reshape(1, b * l, -1), mask_BxL.reshape(1, -1))
-    xg, lg, mg = groups
-    _, picked, gates = ec_reference(lg.astype(np.float32), mg, moe.top_k, moe.router_activation)
-    yg = np.zeros_like(xg)
-    for g in range(xg.shape[0]):
-      for i in range(xg.shape[1]):
-        for e in np.nonzero(picked[g, i])[0]:
-          yg[g, i] += gates[g, i, e] * _swiglu(xg[g, i], p["wg"][e], p["wu"][e], p["wd"][e])
-    y = yg.reshape(b, l, d)
+    groups = b if moe.ec_group == "sequence" else 1
+    _, picked, gates = ec_reference(logits.reshape(groups, -1, moe.num_experts).astype(np.float32),
+                                    mask_BxL.reshape(groups, -1), moe.top_k, moe.router_activation)
+    picked, gates = picked.reshape(b * l, -1), gates.reshape(b * l, -1)
+    for i in range(b * l):
+      for e in np.nonzero(picked[i])[0]:
+        routed[i] += gates[i, e] * _swiglu(flat_x[i], wg[e], wu[e], wd[e])
   else:
-    flat, lf = x.reshape(-1, d), logits.reshape(-1, logits.shape[-1])
-    yf = np.zeros_like(flat)
-    for i in range(flat.shape[0]):
-      if not mask_BxL.reshape(-1)[i]:
-        continue
-      s = lf[i]
-      probs = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
-      top = np.argsort(-probs, kind="stable")[:moe.top_k]
-      for e, w in zip(top, probs[top] / probs[top].sum()):
-        yf[i] += w * _swiglu(flat[i], p["wg"][e], p["wu"][e], p["wd"][e])
-    y = yf.reshape(b, l, d)
-  y = y * moe.routed_scaling_factor
-  if layer.shared is not None:
-    s = layer.shared
-    y = y + _swiglu(x, np.asarray(s.w_gate[...], np.float64), np.asarray(s.w_up[...], np.float64),
-                    np.asarray(s.w_down[...], np.float64))
-  return y
+    for i in np.nonzero(flat_mask)[0]:
+      p = _scores(logits[i], moe.router_activation)
+      top = np.argsort(-p, kind="stable")[:moe.top_k]
+      for e, w in zip(top, p[top] / p[top].sum()):
+        routed[i] += w * _swiglu(flat_x[i], wg[e], wu[e], wd[e])
+  y = routed * moe.routed_scaling_factor
+  f = moe.expert_mlp_dim
+  for s in range(moe.num_shared_experts):
+    cols = slice(s * f, (s + 1) * f)
+    sh = layer.shared
+    y += _swiglu(flat_x, f64(sh.w_gate)[:, cols], f64(sh.w_up)[:, cols], f64(sh.w_down)[cols])
+  return np.where(flat_mask[:, None], y, 0.0).reshape(b, l, d)
 
 
-@pytest.mark.parametrize("router,group,shared", [
-    ("expert_choice", "sequence", 1), ("expert_choice", "batch", 0), ("token_choice", "sequence", 1)])
-def test_moe_layer_matches_naive_loop(router, group, shared):
-  cfg = _cfg(router, group, shared)
-  with nnx.use_eager_sharding(False):
-    layer = MoE(cfg, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("router,group,activation,shared", [
+    ("expert_choice", "sequence", "softmax", 1),
+    ("expert_choice", "batch", "sigmoid", 2),
+    ("token_choice", "sequence", "softmax", 1),
+    ("token_choice", "sequence", "sigmoid", 0),
+])
+def test_moe_layer_matches_naive_loop(router, group, activation, shared):
+  cfg = _cfg(router, group, shared, activation)
+  layer = MoE(cfg, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 16, cfg.d_model)).astype(np.float32)
   mask = np.ones((2, 16), bool)
   mask[1, 12:] = False
-  y, losses, stats = layer(jnp.asarray(x), jnp.asarray(mask))
+  y, losses, stats = nnx.jit(lambda m, a, b: m(a, b))(layer, jnp.asarray(x), jnp.asarray(mask))
   ref = _reference(layer, cfg, x, mask)
-  np.testing.assert_allclose(np.asarray(y)[mask], ref[mask], rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=2e-4, atol=2e-5)
+  assert np.all(np.asarray(y)[~mask] == 0)
   assert np.isfinite(float(losses["load_balance_loss"])) and np.isfinite(float(losses["z_loss"]))
-  assert float(stats["experts_per_token_min"]) >= 0
+  assert float(jnp.sum(stats["expert_load"])) == pytest.approx(1.0)
+  if router == "token_choice":
+    assert float(stats["experts_per_token_min"]) == float(stats["experts_per_token_max"]) == cfg.moe.top_k
 
 
-def test_expert_choice_ops_are_xla_on_every_platform_including_tpu():
-  import pallas_kernels  # pylint: disable=import-outside-toplevel
-  with pallas_kernels.compile_for("tpu"):  # resolve backends as a TPU host would
-    idx, _ = pallas_kernels.expert_choice(jnp.zeros((1, 8, 2)), 4)
-    y = pallas_kernels.ec_dispatch(jnp.ones((1, 8, 3)), idx)
-  assert idx.shape == (1, 2, 4) and y.shape == (1, 2, 4, 3)
-  with pytest.raises(NotImplementedError, match="does not exist"):
-    pallas_kernels.expert_choice(jnp.zeros((1, 8, 2)), 4, backend="pallas")
+def test_moe_layer_gradients_are_finite_under_jit():
+  cfg = _cfg("expert_choice")
+  graphdef, params = nnx.split(MoE(cfg, rngs=nnx.Rngs(1)), nnx.Param)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16, cfg.d_model)), jnp.float32)
+  mask = jnp.ones((2, 16), bool).at[0, 10:].set(False)
+
+  def loss(p):
+    y, losses, _ = nnx.merge(graphdef, p)(x, mask)
+    return jnp.sum(y ** 2) + losses["load_balance_loss"] + losses["z_loss"]
+  grads = jax.jit(jax.grad(loss))(params)
+  leaves = jax.tree.leaves(grads)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+  assert float(jnp.abs(grads["router"][...]).sum()) > 0  # the router learns through the gates
+
+
+def test_batch_level_groups_are_the_batch_shards_of_the_active_mesh():
+  assert batch_shards() == 1  # no mesh, no rules
+  mesh = AbstractMesh((2, 4, 2, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
+  with jax.sharding.use_abstract_mesh(mesh), nnx.logical_axis_rules(get_rules()):
+    assert batch_shards() == 8  # activation_batch -> (data, fsdp)
+  assert ec_num_groups("batch", 16, 8) == 8
+  assert ec_num_groups("batch", 3, 8) == 1  # an unsharded odd batch is one group
+  assert ec_num_groups("sequence", 16, 8) == 16
+  with pytest.raises(ValueError, match="model.moe.ec_group"):
+    ec_num_groups("global", 16, 8)

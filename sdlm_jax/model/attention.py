@@ -1,9 +1,12 @@
 """Multi-head attention with grouped-query heads, RoPE, optional QK-norm and segment masks.
 
-A query attends only to keys of its own segment (segment id 0 = padding attends only to
-padding, so no row is ever fully masked); `causal` adds the AR baseline's causal mask.
-One dispatch point picks the kernel: `auto` is cuDNN on GPU and XLA elsewhere. A TPU splash-
-attention path is future work: `splash` raises rather than silently running something else.
+A query attends only to keys of its own segment. Padding (segment id 0) attends to padding,
+so a padding query always sees at least itself and never produces NaN. `causal` adds the AR
+baseline's causal mask through the kernel's own flag (cuDNN then skips the masked blocks).
+
+One dispatch point picks the kernel: `auto` is cuDNN on GPU and XLA elsewhere, TPU included.
+A Pallas splash-attention path for TPU is future work: `splash` raises rather than running
+something else.
 """
 
 import jax
@@ -14,20 +17,25 @@ from sdlm_jax.model.layers import RMSNorm, apply_rope, dtype_of, param
 from sdlm_jax.parallel.sharding import constrain
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+_ACT_BLHK = ("activation_batch", "activation_length", "activation_heads", None)
+_ACT_BLGK = ("activation_batch", "activation_length", "activation_kv_heads", None)
 
 
 def resolve_implementation(name: str) -> str:
+  """The `jax.nn.dot_product_attention` implementation that `model.attention=name` means here."""
   if name not in IMPLEMENTATIONS:
     raise ValueError(f"model.attention={name!r}; allowed values: {', '.join(IMPLEMENTATIONS)}")
   if name == "splash":
-    raise NotImplementedError("model.attention='splash' (TPU splash attention) is not implemented yet; use 'auto' or 'xla'")
+    raise NotImplementedError(
+        "model.attention='splash' (Pallas splash attention for TPU) is not implemented yet; "
+        "use 'auto' or 'xla' (XLA attention runs on TPU)")
   if name == "auto":
     return "cudnn" if jax.default_backend() == "gpu" else "xla"
   return name
 
 
-def attention_mask(segment_ids_BxL, causal: bool):
-  """[B, 1, Lq, Lk] boolean mask: same segment (and causal if asked)."""
+def attention_mask(segment_ids_BxL, causal: bool = False):
+  """[B, 1, Lq, Lk] boolean mask: query and key in the same segment (and key <= query if causal)."""
   mask_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
   if causal:
     length = segment_ids_BxL.shape[1]
@@ -36,32 +44,37 @@ def attention_mask(segment_ids_BxL, causal: bool):
 
 
 class Attention(nnx.Module):
+  """Self-attention over [B, L, D]; H query heads share G = num_kv_heads key/value heads."""
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     pd = dtype_of(cfg.param_dtype)
-    self.cfg = cfg
+    self.causal = cfg.causal
+    self.rope_theta = cfg.rope_theta
+    self.implementation = cfg.attention
     self.dtype = dtype_of(cfg.dtype)
-    d, h, kv, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.wq = param(rngs, (d, h, k), ("embed", "heads", "head_dim"), cfg.init_std, pd)
-    self.wk = param(rngs, (d, kv, k), ("embed", "kv_heads", "head_dim"), cfg.init_std, pd)
-    self.wv = param(rngs, (d, kv, k), ("embed", "kv_heads", "head_dim"), cfg.init_std, pd)
+    self.wk = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), cfg.init_std, pd)
+    self.wv = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), cfg.init_std, pd)
     self.wo = param(rngs, (h, k, d), ("heads", "head_dim", "embed"), cfg.init_std, pd)
     self.q_norm = RMSNorm(k, cfg.norm_eps, pd) if cfg.qk_norm else None
     self.k_norm = RMSNorm(k, cfg.norm_eps, pd) if cfg.qk_norm else None
 
   def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+    """segment_ids_BxL=None means one document per row (no mask beyond `causal`)."""
+    implementation = resolve_implementation(self.implementation)
     dt = self.dtype
-    x = x_BxLxD.astype(dt)
-    q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(dt))
-    k_BxLxGxK = jnp.einsum("bld,dgk->blgk", x, self.wk[...].astype(dt))
-    v_BxLxGxK = jnp.einsum("bld,dgk->blgk", x, self.wv[...].astype(dt))
+    x_BxLxD = x_BxLxD.astype(dt)
+    q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(dt))
+    k_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wk[...].astype(dt))
+    v_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wv[...].astype(dt))
     if self.q_norm is not None:
       q_BxLxHxK, k_BxLxGxK = self.q_norm(q_BxLxHxK), self.k_norm(k_BxLxGxK)
-    q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, self.cfg.rope_theta)
-    k_BxLxGxK = apply_rope(k_BxLxGxK, positions_BxL, self.cfg.rope_theta)
-    q_BxLxHxK = constrain(q_BxLxHxK, ("activation_batch", "activation_length", "activation_heads", None))
+    q_BxLxHxK = constrain(apply_rope(q_BxLxHxK, positions_BxL, self.rope_theta), _ACT_BLHK)
+    k_BxLxGxK = constrain(apply_rope(k_BxLxGxK, positions_BxL, self.rope_theta), _ACT_BLGK)
+    v_BxLxGxK = constrain(v_BxLxGxK, _ACT_BLGK)
+    mask = None if segment_ids_BxL is None else attention_mask(segment_ids_BxL)
     out_BxLxHxK = jax.nn.dot_product_attention(
-        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=attention_mask(segment_ids_BxL, self.cfg.causal),
-        implementation=resolve_implementation(self.cfg.attention))
-    out_BxLxHxK = constrain(out_BxLxHxK, ("activation_batch", "activation_length", "activation_heads", None))
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask, is_causal=self.causal, implementation=implementation)
+    out_BxLxHxK = constrain(out_BxLxHxK, _ACT_BLHK)
     return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo[...].astype(dt))

@@ -10,18 +10,19 @@ import ml_collections
 from flax import nnx
 
 from sdlm_jax.model.attention import Attention
-from sdlm_jax.model.layers import RMSNorm, SwiGLU, dtype_of, param
+from sdlm_jax.model.layers import ACT_BLD, RMSNorm, dtype_of, param
+from sdlm_jax.model.mlp import SwiGLU
 from sdlm_jax.model.moe import MoE
 from sdlm_jax.parallel.sharding import constrain
 
-ACT_BLD = ("activation_batch", "activation_length", "activation_embed")
-
 
 def is_moe_layer(cfg, layer: int) -> bool:
+  """Layer `layer` (0-based) uses an MoE FFN: experts exist and it is past the first_k_dense."""
   return cfg.moe.num_experts > 0 and layer >= cfg.moe.first_k_dense
 
 
 class Block(nnx.Module):
+  """x + attn(norm(x)), then + ffn(norm(x)); the FFN is dense SwiGLU or MoE."""
 
   def __init__(self, cfg, layer: int, *, rngs: nnx.Rngs):
     pd = dtype_of(cfg.param_dtype)
@@ -31,19 +32,25 @@ class Block(nnx.Module):
     self.is_moe = is_moe_layer(cfg, layer)
     self.ffn = MoE(cfg, rngs=rngs) if self.is_moe else SwiGLU(cfg.d_model, cfg.mlp_dim, cfg, rngs=rngs)
 
-  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
-    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segment_ids_BxL, positions_BxL)
-    x_BxLxD = constrain(x_BxLxD, ACT_BLD)
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, token_mask_BxL):
+    """Returns (x_BxLxD, router losses, router stats); the last two are None for a dense FFN."""
+    x_BxLxD = constrain(x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segment_ids_BxL, positions_BxL), ACT_BLD)
     h_BxLxD = self.ffn_norm(x_BxLxD)
     if self.is_moe:
-      y_BxLxD, losses, stats = self.ffn(h_BxLxD, segment_ids_BxL > 0)
+      y_BxLxD, losses, stats = self.ffn(h_BxLxD, token_mask_BxL)
     else:
       y_BxLxD, losses, stats = self.ffn(h_BxLxD), None, None
     return constrain(x_BxLxD + y_BxLxD, ACT_BLD), losses, stats
 
 
 class Transformer(nnx.Module):
-  """model(tokens_BxL, segment_ids_BxL=, positions_BxL=) -> (logits_BxLxV f32, aux)."""
+  """model(tokens_BxL, *, segment_ids_BxL=None, positions_BxL=None) -> (logits_BxLxV f32, aux).
+
+  segment_ids_BxL: 0 = padding, 1..n = packed documents (attention stays inside a document);
+  None means one document filling every row. positions_BxL (RoPE) default to arange(L).
+  aux = {"aux_loss": weighted router losses summed over MoE layers (0 for a dense model),
+         "router": routing statistics and unweighted losses averaged over MoE layers ({} if dense)}.
+  """
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: the model graph is a jit static
@@ -58,14 +65,16 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BxL, *, segment_ids_BxL=None, positions_BxL=None):
     batch, length = tokens_BxL.shape
-    if segment_ids_BxL is None:
-      segment_ids_BxL = jnp.ones((batch, length), jnp.int32)
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    x_BxLxD = constrain(jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.dtype), ACT_BLD)
+    token_mask_BxL = jnp.ones((batch, length), bool) if segment_ids_BxL is None else segment_ids_BxL > 0
+    # Gather the table's fsdp shards before the lookup (as FSDP does for any matmul weight); a
+    # lookup into a d_model-sharded table would have to re-shard its output from d to batch.
+    table_VxD = constrain(self.embed[...], ("vocab", None))
+    x_BxLxD = constrain(jnp.take(table_VxD, tokens_BxL, axis=0).astype(self.dtype), ACT_BLD)
     losses, stats = [], []
     for block in self.blocks:
-      x_BxLxD, layer_losses, layer_stats = block(x_BxLxD, segment_ids_BxL, positions_BxL)
+      x_BxLxD, layer_losses, layer_stats = block(x_BxLxD, segment_ids_BxL, positions_BxL, token_mask_BxL)
       if layer_losses is not None:
         losses.append(layer_losses)
         stats.append(layer_stats)
@@ -80,11 +89,8 @@ class Transformer(nnx.Module):
     if not losses:
       return {"aux_loss": jnp.zeros((), jnp.float32), "router": {}}
     moe = self.cfg.moe
-    mean = lambda key, items: jnp.mean(jnp.stack([x[key] for x in items]), axis=0)
-    balance, z = mean("load_balance_loss", losses), mean("z_loss", losses)
-    aux_loss = len(losses) * (moe.load_balance_weight * balance + moe.z_loss_weight * z)
-    router = {k: mean(k, stats) for k in stats[0]}
-    router["experts_per_token_min"] = jnp.min(jnp.stack([s["experts_per_token_min"] for s in stats]))
-    router["experts_per_token_max"] = jnp.max(jnp.stack([s["experts_per_token_max"] for s in stats]))
-    router.update(load_balance_loss=balance, z_loss=z)
-    return {"aux_loss": aux_loss.astype(jnp.float32), "router": router}
+    layer_mean = lambda key, items: jnp.mean(jnp.stack([x[key] for x in items]), axis=0).astype(jnp.float32)
+    router = {key: layer_mean(key, stats) for key in stats[0]}
+    router.update(load_balance_loss=layer_mean("load_balance_loss", losses), z_loss=layer_mean("z_loss", losses))
+    aux_loss = sum(moe.load_balance_weight * x["load_balance_loss"] + moe.z_loss_weight * x["z_loss"] for x in losses)
+    return {"aux_loss": jnp.asarray(aux_loss, jnp.float32), "router": router}

@@ -1,0 +1,27 @@
+"""The dense gated FFN (SwiGLU), used by dense layers and as the MoE's shared experts."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sdlm_jax.model.layers import dtype_of, param
+from sdlm_jax.parallel.sharding import constrain
+
+
+class SwiGLU(nnx.Module):
+  """down(silu(x @ gate) * (x @ up)), no biases; params in param_dtype, matmuls in dtype."""
+
+  def __init__(self, d_model: int, hidden: int, cfg, *, rngs: nnx.Rngs):
+    pd = dtype_of(cfg.param_dtype)
+    self.dtype = dtype_of(cfg.dtype)
+    self.w_gate = param(rngs, (d_model, hidden), ("embed", "mlp"), cfg.init_std, pd)
+    self.w_up = param(rngs, (d_model, hidden), ("embed", "mlp"), cfg.init_std, pd)
+    self.w_down = param(rngs, (hidden, d_model), ("mlp", "embed"), cfg.init_std, pd)
+
+  def __call__(self, x_BxLxD):
+    dt = self.dtype
+    x_BxLxD = x_BxLxD.astype(dt)
+    gate_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_gate[...].astype(dt))
+    up_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_up[...].astype(dt))
+    h_BxLxF = constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("activation_batch", "activation_length", "activation_mlp"))
+    return jnp.einsum("blf,fd->bld", h_BxLxF, self.w_down[...].astype(dt))

@@ -1,30 +1,58 @@
-"""The forward process q(x_t | x_0): absorbing-state ([MASK]) corruption."""
+"""The forward process q(x_t | x_0): absorbing-state ([MASK]) corruption and its randomness.
+
+Every random choice of the objectives lives here (t, masks, the random-length cut), apart
+from the model call, so tests can draw the same noise and check a loss against NumPy.
+"""
 
 import jax
 import jax.numpy as jnp
 
 
-def sample_mask(rng, mask_prob_B, valid_BxL):
-  """Each real token is masked independently with its row's probability."""
-  u_BxL = jax.random.uniform(rng, valid_BxL.shape)
-  return (u_BxL < mask_prob_B[:, None]) & valid_BxL
+def sample_mask(rng, mask_prob, maskable_BxL):
+  """Masks each maskable position independently with probability mask_prob ([B] or [B, L])."""
+  mask_prob = jnp.asarray(mask_prob, jnp.float32)
+  if mask_prob.ndim == 1:
+    mask_prob = mask_prob[:, None]
+  u_BxL = jax.random.uniform(rng, maskable_BxL.shape)
+  return (u_BxL < mask_prob) & maskable_BxL
 
 
-def force_one_mask(rng, masked_BxL, valid_BxL):
-  """MegaDLMs: a row with real tokens but no mask gets one mask at a random real position."""
-  needs_B = ~jnp.any(masked_BxL, axis=1) & jnp.any(valid_BxL, axis=1)
-  scores_BxL = jnp.where(valid_BxL, jax.random.uniform(rng, valid_BxL.shape), -1.0)
-  pick_B = jnp.argmax(scores_BxL, axis=1)
-  forced_BxL = needs_B[:, None] & (jnp.arange(valid_BxL.shape[1])[None, :] == pick_B[:, None])
-  return masked_BxL | forced_BxL
+def apply_mask(tokens_BxL, is_masked_BxL, mask_id: int):
+  return jnp.where(is_masked_BxL, mask_id, tokens_BxL)
 
 
-def apply_mask(tokens_BxL, masked_BxL, mask_id: int):
-  return jnp.where(masked_BxL, mask_id, tokens_BxL)
+def mask_tokens(rng, tokens_BxL, mask_prob, mask_id: int, maskable_BxL):
+  """x_t from x_0: returns (noisy_BxL, is_masked_BxL); non-maskable positions (padding) stay."""
+  is_masked_BxL = sample_mask(rng, mask_prob, maskable_BxL)
+  return apply_mask(tokens_BxL, is_masked_BxL, mask_id), is_masked_BxL
+
+
+def force_one_mask(rng, is_masked_BxL, maskable_BxL):
+  """MegaDLMs: a row with maskable tokens but no mask gets one, at a uniformly random position."""
+  needs_B = ~jnp.any(is_masked_BxL, axis=1) & jnp.any(maskable_BxL, axis=1)
+  score_BxL = jnp.where(maskable_BxL, jax.random.uniform(rng, maskable_BxL.shape), -1.0)
+  pick_B = jnp.argmax(score_BxL, axis=1)
+  forced_BxL = needs_B[:, None] & (jnp.arange(maskable_BxL.shape[1])[None, :] == pick_B[:, None])
+  return is_masked_BxL | forced_BxL
 
 
 def antithetic_t(rng, num: int, t_min: float):
-  """Stratified t over [t_min, 1]: one uniform offset shifted by i/num (MDLM's low-variance sampler)."""
+  """`num` stratified t in [t_min, 1]: one uniform offset u, t_i = (u + i/num) mod 1, rescaled.
+
+  Exactly one t falls in each of the `num` equal strata (MDLM's low-variance sampler).
+  """
   u = jax.random.uniform(rng, ())
   t = jnp.mod(u + jnp.arange(num, dtype=jnp.float32) / num, 1.0)
   return t_min + (1.0 - t_min) * t
+
+
+def random_length_keep(rng, length: int, prob: float):
+  """MegaDLMs' random-length batches: with probability `prob`, keep only positions < U{2..L}.
+
+  Returns a [L] boolean keep mask shared by every row (all True when no cut happens); static
+  shapes make the cut a mask rather than a slice.
+  """
+  rng_do, rng_len = jax.random.split(rng)
+  do_cut = jax.random.uniform(rng_do, ()) < prob
+  cut = jax.random.randint(rng_len, (), 2, length + 1)
+  return jnp.where(do_cut, jnp.arange(length) < cut, True)

@@ -1,8 +1,12 @@
-"""Likelihood evaluation: the masked-diffusion ELBO bound, exact AR NLL, a unigram baseline.
+"""Likelihood evaluation: the masked-diffusion ELBO bound, the exact AR NLL, a unigram baseline.
 
-The ELBO bound draws `num_t_samples` stratified t per sequence (antithetic across the batch
-and the samples), so its variance is low, and every random number comes from `seed`: the
-same model and data give the same number. exp(ELBO per token) bounds the perplexity.
+ELBO bound: for every row, `num_t_samples` values of t in [t_min, 1] (antithetic: one offset
+for the whole batch, t_i = (u + i/(S*B)) mod 1, so each row's S samples sit in S different
+strata of width 1/S and the batch covers S*B strata once each), each giving the MDLM estimate
+w(t) * sum_masked -log p(x0_i | x_t). Averaged over the samples, summed over all rows and
+batches and divided by the number of real tokens it bounds the NLL per token, and exp of it
+bounds the perplexity. All randomness derives from `seed` and the batch index: the same model
+and batches give exactly the same number.
 """
 
 import functools
@@ -17,68 +21,88 @@ from sdlm_jax.diffusion import corruption, losses
 from sdlm_jax.diffusion.schedules import get_schedule
 
 
-def _apply(graphdef, state, tokens, segment_ids, positions):
-  logits, _ = nnx.merge(graphdef, state)(tokens, segment_ids_BxL=segment_ids, positions_BxL=positions)
-  return logits
+def _logits(graphdef, state, tokens_BxL, segment_ids_BxL, positions_BxL):
+  model = nnx.merge(graphdef, state)
+  logits_BxLxV, _ = model(tokens_BxL, segment_ids_BxL=segment_ids_BxL, positions_BxL=positions_BxL)
+  return logits_BxLxV
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("num_t_samples", "schedule_name", "t_min", "mask_id"))
-def _elbo_batch(graphdef, state, batch, rng, *, num_t_samples, schedule_name, t_min, mask_id):
-  """(sum over rows of the per-row ELBO averaged over t samples, number of real tokens)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_t_samples", "schedule_name", "t_min", "mask_id"))
+def _elbo_nats(graphdef, state, tokens_BxL, segment_ids_BxL, positions_BxL, rng, *, num_t_samples: int,
+               schedule_name: str, t_min: float, mask_id: int):
+  """(ELBO of the batch in nats, averaged over the t samples; number of real tokens)."""
   schedule = get_schedule(schedule_name)
-  tokens, segment_ids, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
-  batch_size = tokens.shape[0]
-  valid_BxL = segment_ids > 0
+  batch_size = tokens_BxL.shape[0]
+  valid_BxL = segment_ids_BxL > 0
   rng_t, rng_mask = jax.random.split(rng)
   t_SxB = corruption.antithetic_t(rng_t, num_t_samples * batch_size, t_min).reshape(num_t_samples, batch_size)
 
-  def one_sample(carry, xs):
+  def one_sample(total, xs):
     t_B, key = xs
-    masked_BxL = corruption.sample_mask(key, schedule.mask_prob(t_B), valid_BxL)
-    logits = _apply(graphdef, state, corruption.apply_mask(tokens, masked_BxL, mask_id), segment_ids, positions)
-    nll_B = losses.elbo_row_nll(losses.token_cross_entropy(logits, tokens), masked_BxL, schedule.weight(t_B))
-    return carry + jnp.sum(nll_B), None
+    noisy_BxL, is_masked_BxL = corruption.mask_tokens(key, tokens_BxL, schedule.mask_prob(t_B), mask_id, valid_BxL)
+    logits_BxLxV = _logits(graphdef, state, noisy_BxL, segment_ids_BxL, positions_BxL)
+    row_nats_B = losses.masked_ce_row_sum(losses.token_cross_entropy(logits_BxLxV, tokens_BxL), is_masked_BxL)
+    return total + jnp.sum(schedule.weight(t_B) * row_nats_B), None
 
   total, _ = jax.lax.scan(one_sample, jnp.zeros((), jnp.float32),
                           (t_SxB, jax.random.split(rng_mask, num_t_samples)))
   return total / num_t_samples, jnp.sum(valid_BxL)
 
 
+def _per_token(nats: float, count: int) -> dict:
+  per_token = nats / max(count, 1)
+  return {"nll_per_token": per_token, "num_tokens": count, "ppl": math.exp(per_token)}
+
+
 def elbo_bound(model, batches, *, num_t_samples: int, seed: int, schedule_name: str, t_min: float,
                mask_id: int) -> dict:
+  """ELBO NLL bound per real token over `batches` (dicts of tokens/segment_ids/positions, [B, L]).
+
+  Returns dict(nll_per_token, ppl_bound = exp(nll_per_token), num_tokens). One compiled
+  program per batch shape; the model's parameters are arguments, not constants.
+  """
   graphdef, state = nnx.split(model)
-  nll, count = 0.0, 0
+  nats, count = 0.0, 0
   for i, batch in enumerate(batches):
-    b_nll, b_count = _elbo_batch(graphdef, state, batch, jax.random.fold_in(jax.random.key(seed), i),
-                                 num_t_samples=num_t_samples, schedule_name=schedule_name, t_min=t_min,
-                                 mask_id=mask_id)
-    nll += float(b_nll)
+    b_nats, b_count = _elbo_nats(
+        graphdef, state, jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"]),
+        jnp.asarray(batch["positions"]), jax.random.fold_in(jax.random.key(seed), i),
+        num_t_samples=num_t_samples, schedule_name=schedule_name, t_min=t_min, mask_id=mask_id)
+    nats += float(b_nats)
     count += int(b_count)
-  per_token = nll / max(count, 1)
-  return {"nll_per_token": per_token, "ppl_bound": math.exp(per_token), "num_tokens": count}
+  out = _per_token(nats, count)
+  out["ppl_bound"] = out.pop("ppl")
+  return out
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _ar_batch(graphdef, state, batch):
-  logits = _apply(graphdef, state, batch["tokens"], batch["segment_ids"], batch["positions"])
-  _, total, count = losses.ar_loss(logits, batch["tokens"], batch["segment_ids"])
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _ar_nats(graphdef, state, tokens_BxL, segment_ids_BxL, positions_BxL):
+  logits_BxLxV = _logits(graphdef, state, tokens_BxL, segment_ids_BxL, positions_BxL)
+  _, total, count = losses.ar_cross_entropy(logits_BxLxV, tokens_BxL, segment_ids_BxL)
   return total, count
 
 
 def ar_nll(model, batches) -> dict:
-  """Exact next-token NLL of a causal model (the AR baseline's counterpart of the ELBO)."""
+  """Exact next-token NLL of a causal model (the AR baseline's counterpart of the ELBO bound).
+
+  Returns dict(nll_per_token, ppl, num_tokens); the first token of each document is not
+  predicted, so num_tokens counts predicted tokens.
+  """
   graphdef, state = nnx.split(model)
-  nll, count = 0.0, 0
+  nats, count = 0.0, 0
   for batch in batches:
-    b_nll, b_count = _ar_batch(graphdef, state, batch)
-    nll += float(b_nll)
+    b_nats, b_count = _ar_nats(graphdef, state, jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"]),
+                               jnp.asarray(batch["positions"]))
+    nats += float(b_nats)
     count += int(b_count)
-  per_token = nll / max(count, 1)
-  return {"nll_per_token": per_token, "ppl": math.exp(per_token), "num_tokens": count}
+  return _per_token(nats, count)
 
 
 def unigram_perplexity(train_counts_V, val_tokens) -> float:
-  """Perplexity of an add-one smoothed unigram model fit on train counts, on val tokens."""
-  counts = np.asarray(train_counts_V, np.float64) + 1.0
-  log_p = np.log(counts / counts.sum())
-  return float(np.exp(-np.mean(log_p[np.asarray(val_tokens)])))
+  """Perplexity on `val_tokens` of an add-one-smoothed unigram model fit on `train_counts_V`.
+
+  p(v) = (count_v + 1) / (sum counts + V): the floor any language model must beat by far.
+  """
+  counts_V = np.asarray(train_counts_V, np.float64) + 1.0
+  log_p_V = np.log(counts_V / counts_V.sum())
+  return float(np.exp(-np.mean(log_p_V[np.asarray(val_tokens).reshape(-1)])))

@@ -1,50 +1,58 @@
-"""Pure loss pieces, each checkable against a NumPy formula (tests/test_diffusion_losses.py)."""
+"""Pure loss pieces, each checkable against a NumPy formula (tests/test_diffusion_losses.py).
+
+All reductions run in float32 whatever the logits' dtype.
+"""
 
 import jax
 import jax.numpy as jnp
 
 
 def token_cross_entropy(logits_BxLxV, targets_BxL):
-  """-log softmax(logits)[target] per position, in float32."""
-  logits = logits_BxLxV.astype(jnp.float32)
-  lse_BxL = jax.nn.logsumexp(logits, axis=-1)
-  target_logit_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
-  return lse_BxL - target_logit_BxL
+  """-log softmax(logits)[target] at every position: [B, L] float32."""
+  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+  lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+  target_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+  return lse_BxL - target_BxL
 
 
-def megadlm_row_weights(masked_BxL, valid_BxL):
-  """1 / realised masked fraction of each row (over its real tokens); 0 for empty rows."""
-  n_masked_B = jnp.sum(masked_BxL, axis=1).astype(jnp.float32)
+def megadlm_row_weights(is_masked_BxL, valid_BxL):
+  """MegaDLMs' per-token weight 1/p_mask, p_mask the row's realised masked fraction of its real tokens.
+
+  Rows with no mask (only empty rows, after the forced mask) get weight 0.
+  """
+  n_masked_B = jnp.sum(is_masked_BxL, axis=1).astype(jnp.float32)
   n_valid_B = jnp.sum(valid_BxL, axis=1).astype(jnp.float32)
   return jnp.where(n_masked_B > 0, n_valid_B / jnp.maximum(n_masked_B, 1.0), 0.0)
 
 
-def megadlm_loss(ce_BxL, masked_BxL, valid_BxL):
-  """MegaDLMs: sum of CE/p_mask over masked tokens, divided by the number of real tokens.
+def masked_ce_row_sum(ce_BxL, is_masked_BxL):
+  """Sum of the cross-entropy over each row's masked positions: [B]."""
+  return jnp.sum(jnp.where(is_masked_BxL, ce_BxL, 0.0), axis=1)
 
-  Returns (loss, per-row mean CE over masked tokens [B]).
+
+def weighted_masked_ce(ce_BxL, is_masked_BxL, weight_B, valid_BxL):
+  """sum_rows weight * sum_masked CE, divided by the number of real tokens in the batch.
+
+  Returns (loss, row_loss_B) where row_loss_B is the same quantity per row, divided by the
+  row's own real tokens (0 for an empty row): the row's per-token contribution, used for the
+  per-t-bucket metrics. With MegaDLMs' weights it is the row's mean CE over masked tokens;
+  with the ELBO weight w(t) it is the row's ELBO per token.
   """
-  w_B = megadlm_row_weights(masked_BxL, valid_BxL)
-  row_sum_B = jnp.sum(jnp.where(masked_BxL, ce_BxL, 0.0), axis=1)
-  loss = jnp.sum(w_B * row_sum_B) / jnp.maximum(jnp.sum(valid_BxL), 1)
-  row_mean_B = row_sum_B / jnp.maximum(jnp.sum(masked_BxL, axis=1), 1)
-  return loss, row_mean_B
+  row_sum_B = weight_B * masked_ce_row_sum(ce_BxL, is_masked_BxL)
+  n_valid_B = jnp.sum(valid_BxL, axis=1)
+  loss = jnp.sum(row_sum_B) / jnp.maximum(jnp.sum(n_valid_B), 1)
+  return loss, row_sum_B / jnp.maximum(n_valid_B, 1)
 
 
-def elbo_row_nll(ce_BxL, masked_BxL, weight_B):
-  """Continuous-time ELBO per row: w(t) * sum of CE over masked tokens."""
-  return weight_B * jnp.sum(jnp.where(masked_BxL, ce_BxL, 0.0), axis=1)
-
-
-def ar_pairs(segment_ids_BxL):
-  """Which (position, next position) pairs are valid next-token targets: same real segment."""
+def ar_target_mask(segment_ids_BxL):
+  """[B, L-1]: position i may predict token i+1 (same real segment; never across a boundary or into padding)."""
   return (segment_ids_BxL[:, 1:] == segment_ids_BxL[:, :-1]) & (segment_ids_BxL[:, 1:] > 0)
 
 
-def ar_loss(logits_BxLxV, tokens_BxL, segment_ids_BxL):
-  """Mean next-token CE, never across a segment boundary or into padding. Returns (loss, sum, count)."""
+def ar_cross_entropy(logits_BxLxV, tokens_BxL, segment_ids_BxL):
+  """Mean next-token CE over valid (position, next position) pairs. Returns (mean, sum, count)."""
   ce_BxLm1 = token_cross_entropy(logits_BxLxV[:, :-1], tokens_BxL[:, 1:])
-  valid_BxLm1 = ar_pairs(segment_ids_BxL)
+  valid_BxLm1 = ar_target_mask(segment_ids_BxL)
   total = jnp.sum(jnp.where(valid_BxLm1, ce_BxLm1, 0.0))
   count = jnp.sum(valid_BxLm1)
   return total / jnp.maximum(count, 1), total, count

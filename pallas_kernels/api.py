@@ -1,124 +1,148 @@
-"""Public kernel API: one dispatch point per op, choosing a backend by platform.
+"""Public kernel API: one dispatch point per op, choosing an implementation by platform.
 
-backend: "auto" (by platform), "xla" (reference.py), "pallas" (the hardware kernel),
-"interpret" (the Pallas TPU kernel in interpret mode, for testing on CPU). "auto" picks the
-Pallas TPU kernel on TPU and XLA elsewhere: on GPU `lax.ragged_dot` until a Pallas GPU kernel
-measures faster; on CPU the XLA reference. A backend that does not exist for the platform
-raises; nothing ever falls back to interpret mode on hardware.
+backend:
+  "auto"          TPU: the Pallas Mosaic TPU kernel. GPU: `lax.ragged_dot` (XLA) until the
+                  Pallas Triton kernel is measured faster on a GPU. CPU: the XLA reference.
+  "xla"           reference.py (XLA ops; what CPU training runs).
+  "pallas"        the Pallas kernel for this platform (Mosaic TPU or Triton GPU); an error on CPU.
+  "interpret"     the TPU kernel in TPU interpret mode (any platform; for tests on CPU).
+  "interpret_gpu" the GPU kernel in Pallas interpret mode (any platform; for tests on CPU).
+Nothing falls back silently: a combination that does not exist raises. Expert-choice routing,
+dispatch and combine are XLA on every platform (see `expert_choice`).
 """
 
-import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import reference
+from pallas_kernels import reference, target
+from pallas_kernels.gmm import gpu as gmm_gpu
 from pallas_kernels.gmm import tpu as gmm_tpu
 
-BACKENDS = ("auto", "xla", "pallas", "interpret")
-_TARGET = []
+BACKENDS = ("auto", "xla", "pallas", "interpret", "interpret_gpu")
+compile_for = target.compile_for
 
-
-@contextlib.contextmanager
-def compile_for(platform: str):
-  """Resolves backends for `platform` instead of the local one: for ahead-of-time
-  compilation on a CPU host against a TPU topology (jax.experimental.topologies)."""
-  _TARGET.append(platform)
-  try:
-    yield
-  finally:
-    _TARGET.pop()
+# implementation -> (kernel module, interpret flag)
+_KERNELS = {
+    "pallas_tpu": (gmm_tpu, False),
+    "interpret_tpu": (gmm_tpu, True),
+    "pallas_gpu": (gmm_gpu, False),
+    "interpret_gpu": (gmm_gpu, True),
+}
 
 
 def resolve_backend(backend: str) -> str:
+  """The grouped-matmul implementation `backend` means on the (target) platform:
+  one of "xla", "pallas_tpu", "pallas_gpu", "interpret_tpu", "interpret_gpu"."""
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}; allowed values: {', '.join(BACKENDS)}")
-  platform = _TARGET[-1] if _TARGET else jax.default_backend()
+  platform = target.platform()
   if backend == "auto":
-    return "pallas" if platform == "tpu" else "xla"
-  if backend == "pallas" and platform != "tpu":
+    return "pallas_tpu" if platform == "tpu" else "xla"
+  if backend == "pallas":
+    if platform in ("tpu", "gpu"):
+      return f"pallas_{platform}"
     raise NotImplementedError(
-        f"backend='pallas' has a TPU kernel only (this platform is {platform!r}); "
-        "use backend='xla', or 'interpret' to run the TPU kernel in interpret mode")
-  return backend
+        f"backend='pallas' needs a TPU or GPU (this platform is {platform!r}); use backend='xla', "
+        "or 'interpret' / 'interpret_gpu' to run the TPU / GPU kernel in interpret mode")
+  return {"xla": "xla", "interpret": "interpret_tpu", "interpret_gpu": "interpret_gpu"}[backend]
 
 
-def _only_xla(op: str, backend: str):
-  """Expert-choice routing, dispatch and combine are XLA top-k/gather/scatter on every
-  platform ("auto" included, on TPU too); asking for a Pallas version is an error."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _gmm_kernel(lhs_MxK, rhs_GxKxN, group_sizes_G, first_group, out_dtype, tiling, impl):
+  module, interpret = _KERNELS[impl]
+  return module.gmm(lhs_MxK, rhs_GxKxN, group_sizes_G, first_group, out_dtype=out_dtype, tiling=tiling,
+                    interpret=interpret)
+
+
+def _gmm_kernel_fwd(lhs_MxK, rhs_GxKxN, group_sizes_G, first_group, out_dtype, tiling, impl):
+  out_MxN = _gmm_kernel(lhs_MxK, rhs_GxKxN, group_sizes_G, first_group, out_dtype, tiling, impl)
+  return out_MxN, (lhs_MxK, rhs_GxKxN, group_sizes_G, first_group)
+
+
+def _gmm_kernel_bwd(out_dtype, tiling, impl, residuals, grad_MxN):
+  """d_lhs = gmm(grad, rhs^T) (the kernel reads rhs transposed in place); d_rhs = tgmm(lhs, grad).
+  Both run on the operands' dtype with float32 accumulation."""
+  del out_dtype
+  lhs_MxK, rhs_GxKxN, group_sizes_G, first_group = residuals
+  module, interpret = _KERNELS[impl]
+  grad_MxN = grad_MxN.astype(lhs_MxK.dtype)
+  d_lhs = module.gmm(grad_MxN, rhs_GxKxN, group_sizes_G, first_group, out_dtype=lhs_MxK.dtype,
+                     transpose_rhs=True, tiling=tiling, interpret=interpret)
+  d_rhs = module.tgmm(lhs_MxK, grad_MxN, group_sizes_G, first_group, num_groups=rhs_GxKxN.shape[0],
+                      out_dtype=rhs_GxKxN.dtype, tiling=tiling, interpret=interpret)
+  return d_lhs, d_rhs, None, None
+
+
+_gmm_kernel.defvjp(_gmm_kernel_fwd, _gmm_kernel_bwd)
+
+
+def gmm(lhs, rhs, group_sizes, *, group_offset=None, preferred_element_type=None, tiling=None, backend="auto"):
+  """Grouped matmul [m, k] x [g, k, n] -> [m, n]; equals lax.ragged_dot(lhs, rhs, group_sizes).
+
+  Rows of lhs are sorted by group; rows past sum(group_sizes) come out zero. With
+  `group_offset`, rhs holds groups [group_offset, group_offset + rhs.shape[0]) only (expert
+  parallelism) and the rows of every other group are zero. Differentiable in lhs and rhs.
+  `tiling=(tm, tk, tn)` overrides the TPU kernel's modelled tiling, or the GPU kernel's blocks.
+  """
+  impl = resolve_backend(backend)
+  group_sizes = jnp.asarray(group_sizes).astype(jnp.int32)
+  dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
+  lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
+  out_dtype = jnp.dtype(preferred_element_type or dtype)
+  if impl == "xla":
+    return reference.gmm(lhs, rhs, group_sizes, out_dtype, group_offset=group_offset)
+  first = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
+  return _gmm_kernel(lhs, rhs, group_sizes, first, out_dtype, None if tiling is None else tuple(tiling), impl)
+
+
+def tgmm(lhs, grad, group_sizes, *, group_offset=None, num_groups=None, preferred_element_type=None, tiling=None,
+         backend="auto"):
+  """Transposed grouped matmul: out[g] = lhs[rows of g].T @ grad[rows of g], [num_groups, k, n].
+
+  Groups group_offset .. group_offset + num_groups - 1 (default: all); empty groups give zeros.
+  """
+  impl = resolve_backend(backend)
+  group_sizes = jnp.asarray(group_sizes).astype(jnp.int32)
+  if num_groups is None:
+    if group_offset is not None:
+      raise ValueError("tgmm(group_offset=...) needs num_groups (how many groups from the offset on)")
+    num_groups = group_sizes.shape[0]
+  dtype = jnp.promote_types(lhs.dtype, grad.dtype)
+  out_dtype = jnp.dtype(preferred_element_type or dtype)
+  first = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
+  if impl == "xla":
+    return reference.tgmm(lhs.astype(dtype), grad.astype(dtype), group_sizes, out_dtype, first, num_groups)
+  module, interpret = _KERNELS[impl]
+  return module.tgmm(lhs.astype(dtype), grad.astype(dtype), group_sizes, first, num_groups=num_groups,
+                     out_dtype=out_dtype, tiling=None if tiling is None else tuple(tiling), interpret=interpret)
+
+
+def _xla_only(op: str, backend: str):
+  """Expert-choice routing, dispatch and combine are XLA top-k / gather / scatter-add on every
+  platform ("auto" included, on TPU too): asking for a Pallas version is an error, not a
+  silent fallback. See the package README section for why no Pallas kernel is used."""
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}; allowed values: {', '.join(BACKENDS)}")
   if backend not in ("auto", "xla"):
     raise NotImplementedError(f"pallas_kernels.{op}: backend={backend!r} does not exist; use 'auto' or 'xla'")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _gmm_pallas(lhs, rhs, group_sizes, first_group, num_local, out_dtype, tiling, interpret):
-  return gmm_tpu.gmm(lhs, rhs, group_sizes, first_group, num_groups_local=num_local, out_dtype=out_dtype,
-                     tiling=tiling, interpret=interpret)
-
-
-def _gmm_fwd(lhs, rhs, group_sizes, first_group, num_local, out_dtype, tiling, interpret):
-  out = _gmm_pallas(lhs, rhs, group_sizes, first_group, num_local, out_dtype, tiling, interpret)
-  return out, (lhs, rhs, group_sizes, first_group)
-
-
-def _gmm_bwd(num_local, out_dtype, tiling, interpret, residuals, grad):
-  lhs, rhs, group_sizes, first_group = residuals
-  grad = grad.astype(lhs.dtype)
-  d_lhs = gmm_tpu.gmm(grad, jnp.swapaxes(rhs, 1, 2), group_sizes, first_group, num_groups_local=num_local,
-                      out_dtype=lhs.dtype, tiling=tiling, interpret=interpret)
-  d_rhs = gmm_tpu.tgmm(lhs, grad, group_sizes, first_group, num_groups_local=num_local,
-                       out_dtype=rhs.dtype, tiling=tiling, interpret=interpret)
-  return d_lhs, d_rhs, None, None
-
-
-_gmm_pallas.defvjp(_gmm_fwd, _gmm_bwd)
-
-
-def gmm(lhs, rhs, group_sizes, *, group_offset=None, preferred_element_type=None, tiling=None, backend="auto"):
-  """Grouped matmul; equals lax.ragged_dot(lhs, rhs, group_sizes), rows past the groups zero.
-
-  With `group_offset`, rhs holds groups [group_offset, group_offset + rhs.shape[0]) only and
-  rows of every other group are zero (expert parallelism).
-  """
-  backend = resolve_backend(backend)
-  group_sizes = group_sizes.astype(jnp.int32)
-  out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-  if backend == "xla":
-    return reference.gmm(lhs, rhs, group_sizes, out_dtype, group_offset=group_offset)
-  first = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
-  return _gmm_pallas(lhs, rhs, group_sizes, first, rhs.shape[0], out_dtype,
-                     None if tiling is None else tuple(tiling), backend == "interpret")
-
-
-def tgmm(lhs, grad, group_sizes, *, group_offset=None, num_groups=None, preferred_element_type=None, tiling=None,
-         backend="auto"):
-  """out[g] = lhs[rows of g].T @ grad[rows of g]: [num_groups, k, n]."""
-  backend = resolve_backend(backend)
-  group_sizes = group_sizes.astype(jnp.int32)
-  num_groups = num_groups or group_sizes.shape[0]
-  out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-  first = 0 if group_offset is None else group_offset
-  if backend == "xla":
-    full = reference.tgmm(lhs, grad, group_sizes, out_dtype)
-    return jax.lax.dynamic_slice_in_dim(full, first, num_groups, axis=0)
-  return gmm_tpu.tgmm(lhs, grad, group_sizes, jnp.asarray(first, jnp.int32), num_groups_local=num_groups,
-                      out_dtype=out_dtype, tiling=None if tiling is None else tuple(tiling),
-                      interpret=backend == "interpret")
-
-
 def expert_choice(logits, capacity, *, backend="auto"):
-  _only_xla("expert_choice", backend)
+  """Each expert's top-`capacity` tokens of each routing group: logits [G, N, E] ->
+  (token_idx [G, E, C] int32, scores [G, E, C]); ties go to the lower token index."""
+  _xla_only("expert_choice", backend)
   return reference.expert_choice(logits, capacity)
 
 
 def ec_dispatch(x, token_idx, *, backend="auto"):
-  _only_xla("ec_dispatch", backend)
+  """x [G, N, D], token_idx [G, E, C] -> each expert's tokens [G, E, C, D]; differentiable."""
+  _xla_only("ec_dispatch", backend)
   return reference.ec_dispatch(x, token_idx)
 
 
 def ec_combine(y, token_idx, weights, num_tokens, *, backend="auto"):
-  _only_xla("ec_combine", backend)
+  """Weighted scatter-add [G, E, C, D] -> [G, N, D] of expert outputs to their tokens; differentiable."""
+  _xla_only("ec_combine", backend)
   return reference.ec_combine(y, token_idx, weights, num_tokens)

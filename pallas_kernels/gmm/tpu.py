@@ -1,25 +1,24 @@
 """Grouped matmul (gmm) and transposed grouped matmul (tgmm) as Pallas Mosaic TPU kernels.
 
-Rows of `lhs` are sorted by group. The kernels walk a static-length list of *visits*: each
-visit is one (group, m-tile) pair, built on device from `group_sizes` (scalar-prefetched
-into SMEM). A tile whose rows span two groups is visited once per group, consecutively, and
-each visit masks the rows outside its group, so results are exact for any group sizes,
-including empty groups and groups that do not start on a tile boundary.
+Both walk the visit list of plan.py (one (group, row tile) pair per visit, in row order,
+scalar-prefetched into SMEM together with the groups' row ranges):
 
-  gmm:  out[rows of g] = lhs[rows of g] @ rhs[g]          grid (n tiles, visits, k tiles)
-  tgmm: out[g] = lhs[rows of g].T @ grad[rows of g]        grid (k tiles, n tiles, visits)
+  gmm:  out[rows of g] = lhs[rows of g] @ rhs[g]         grid (n/tn, visits, k/tk)
+  tgmm: out[g] = lhs[rows of g].T @ grad[rows of g]       grid (k/tk, n/tn, visits)
 
-gmm accumulates over k in a float32 VMEM scratch and, at the last k step, writes the masked
-tile (first visit of an m-tile) or adds to it (later visits: the output block stays resident
-in VMEM because consecutive visits share its block index). Rows past sum(group_sizes) are
-never visited; the wrapper zeroes them (an elementwise pass over the output) so the result
-equals `lax.ragged_dot`. tgmm accumulates every visit of a group into one scratch and writes
-the group's [k, n] tile when the next visit belongs to another group; empty groups get one
-fully masked visit so their output is written as zeros.
+gmm accumulates over k in a float32 VMEM scratch; at the last k step a visit writes its
+group's rows of the output tile, keeping the rows earlier visits of the same tile wrote (the
+output block stays resident in VMEM while consecutive visits share its index). Tiles no local
+group touches get a visit that writes zeros and fetches nothing new, so every output row is
+written in-kernel: rows past sum(group_sizes), and with `first_group` (expert parallelism) the
+rows of non-local groups, come out zero, as with `lax.ragged_dot`.
 
-Tiling: (tm, tk, tn), default (512, 512, 512) clipped to the problem: 128-multiples keep the
-MXU fed on every TPU generation, and with bf16 operands the double-buffered tiles plus the f32
-accumulator take ~5 MiB of VMEM, well inside the scoped default of v5e/v5p/v6e.
+tgmm accumulates all visits of a group into one float32 scratch and writes the group's
+[tk, tn] block at its last visit; each empty group gets one visit that writes zeros.
+
+Rows are never padded: the last row tile may run past m; rows outside the visit's group
+(including those) are masked with a select, so garbage there can neither leak nor turn into
+NaN. k and n are padded to multiples of 128 only when they are not already.
 """
 
 import functools
@@ -29,177 +28,185 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-DEFAULT_TILING = (512, 512, 512)
+from pallas_kernels.gmm import plan, tiling as tiling_lib
 
 
 def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-def tile_sizes(m: int, k: int, n: int, tiling=None) -> tuple[int, int, int]:
-  """Clips the requested (tm, tk, tn) to the problem, keeping TPU-friendly multiples."""
-  tm, tk, tn = tiling or DEFAULT_TILING
-  return (min(tm, _round_up(m, 8)), min(tk, _round_up(k, 128)), min(tn, _round_up(n, 128)))
+def _pad_axis(x, axis: int, size: int):
+  if x.shape[axis] == size:
+    return x
+  pads = [(0, 0)] * x.ndim
+  pads[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pads)
 
 
-def visit_plan(group_sizes_G, first_group, num_local_groups: int, m_pad: int, tm: int, visit_empty: bool):
-  """Static-length visit list: (group, m-tile) pairs in row order, plus how many are real.
-
-  Returns (group_starts [G_local], group_ends [G_local], visit_group [V], visit_tile [V],
-  num_visits scalar) with V = m_pad/tm + G_local (an upper bound on the real visits).
-  """
-  sizes = group_sizes_G.astype(jnp.int32)
-  ends_all = jnp.cumsum(sizes)
-  starts_all = ends_all - sizes
-  local = first_group + jnp.arange(num_local_groups)
-  starts, ends = starts_all[local], ends_all[local]
-  local_sizes = ends - starts
-  first_tile = starts // tm
-  last_tile = jnp.maximum(ends - 1, starts) // tm
-  tiles = jnp.where(local_sizes > 0, last_tile - first_tile + 1, 1 if visit_empty else 0)
-  num_visits = jnp.sum(tiles)
-  capacity = m_pad // tm + num_local_groups
-  visit_group = jnp.repeat(jnp.arange(num_local_groups, dtype=jnp.int32), tiles, total_repeat_length=capacity)
-  offsets = jnp.cumsum(tiles) - tiles
-  within = jnp.arange(capacity, dtype=jnp.int32) - offsets[visit_group]
-  visit_tile = jnp.clip(first_tile[visit_group] + within, 0, m_pad // tm - 1)
-  # Padding visits (past num_visits) repeat the last real visit and are skipped in-kernel.
-  last = jnp.maximum(num_visits - 1, 0)
-  idx = jnp.minimum(jnp.arange(capacity), last)
-  return starts, ends, visit_group[idx], visit_tile[idx].astype(jnp.int32), num_visits.astype(jnp.int32)
+def _precision(dtype):
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def _row_mask(tile, tm, start, end):
-  rows = tile * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
-  return (rows >= start) & (rows < end)
+def _interpret(interpret):
+  if interpret is True:
+    return pltpu.InterpretParams()
+  return interpret or False
 
 
-def _gmm_kernel(starts_ref, ends_ref, vgroup_ref, vtile_ref, nvis_ref, lhs_ref, rhs_ref, out_ref, acc_ref, *, tm):
+def _gmm_kernel(meta_ref, lhs_ref, rhs_ref, out_ref, acc_ref, *, at, tm, transpose_rhs, precision):
   i, kk = pl.program_id(1), pl.program_id(2)
-  num_k = pl.num_programs(2)
-  real = i < nvis_ref[0]
+  g = meta_ref[at.group + i]
+  tile = meta_ref[at.tile + i]
+  real = i < meta_ref[at.count]
 
-  @pl.when(kk == 0)
+  @pl.when(real & (g >= 0))
   def _():
-    acc_ref[...] = jnp.zeros_like(acc_ref)
+    contract = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+    part = jax.lax.dot_general(lhs_ref[...], rhs_ref[0], contract, precision=precision,
+                               preferred_element_type=jnp.float32)
 
-  @pl.when(real)
-  def _():
-    acc_ref[...] += jnp.dot(lhs_ref[...], rhs_ref[0], preferred_element_type=jnp.float32)
-
-  @pl.when(real & (kk == num_k - 1))
-  def _():
-    g, tile = vgroup_ref[i], vtile_ref[i]
-    masked = jnp.where(_row_mask(tile, tm, starts_ref[g], ends_ref[g]), acc_ref[...], 0.0)
-    first_visit = (i == 0) | (vtile_ref[jnp.maximum(i - 1, 0)] != tile)
-
-    @pl.when(first_visit)
+    @pl.when(kk == 0)
     def _():
-      out_ref[...] = masked.astype(out_ref.dtype)
+      acc_ref[...] = part
 
-    @pl.when(jnp.logical_not(first_visit))
+    @pl.when(kk > 0)
     def _():
-      out_ref[...] = (out_ref[...].astype(jnp.float32) + masked).astype(out_ref.dtype)
+      acc_ref[...] += part
+
+  @pl.when(real & (kk == pl.num_programs(2) - 1))
+  def _():
+    gi = jnp.maximum(g, 0)
+    rows = tile * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
+    mine = (g >= 0) & (rows >= meta_ref[at.start + gi]) & (rows < meta_ref[at.end + gi])
+    shared = (i > 0) & (meta_ref[at.tile + jnp.maximum(i - 1, 0)] == tile)
+
+    @pl.when(jnp.logical_not(shared))
+    def _():
+      out_ref[...] = jnp.where(mine, acc_ref[...], 0.0).astype(out_ref.dtype)
+
+    @pl.when(shared)
+    def _():
+      out_ref[...] = jnp.where(mine, acc_ref[...].astype(out_ref.dtype), out_ref[...])
 
 
-def _pad_to(x, shape):
-  pads = [(0, t - s) for s, t in zip(x.shape, shape)]
-  return jnp.pad(x, pads) if any(p for _, p in pads) else x
-
-
-@functools.partial(jax.jit, static_argnames=("num_groups_local", "out_dtype", "tiling", "interpret"))
-def gmm(lhs_MxK, rhs_GxKxN, group_sizes_G, first_group, *, num_groups_local, out_dtype, tiling=None,
+@functools.partial(jax.jit, static_argnames=("out_dtype", "transpose_rhs", "tiling", "interpret"))
+def gmm(lhs_MxK, rhs, group_sizes_G, first_group=0, *, out_dtype=None, transpose_rhs=False, tiling=None,
         interpret=False):
-  """out[m, n]; rows of groups outside [first_group, first_group + num_groups_local) are zero."""
+  """out[m, n] = lhs rows of local group g @ rhs[g - first_group]; other rows zero.
+
+  rhs is [G_local, k, n], or [G_local, n, k] with transpose_rhs (the lhs gradient, without
+  materialising a transposed copy of the weights).
+  """
   m, k = lhs_MxK.shape
-  n = rhs_GxKxN.shape[2]
-  tm, tk, tn = tile_sizes(m, k, n, tiling)
-  m_pad, k_pad, n_pad = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
-  lhs = _pad_to(lhs_MxK, (m_pad, k_pad))
-  rhs = _pad_to(rhs_GxKxN, (rhs_GxKxN.shape[0], k_pad, n_pad))
-  starts, ends, vgroup, vtile, nvis = visit_plan(group_sizes_G, first_group, num_groups_local, m_pad, tm, False)
-  num_visits = vtile.shape[0]
-  itemsize = jnp.dtype(lhs.dtype).itemsize
-  cost = pl.CostEstimate(
-      flops=2 * m * k * n, transcendentals=0,
-      bytes_accessed=(m * k + num_groups_local * k * n) * itemsize + m * n * jnp.dtype(out_dtype).itemsize)
+  num_local = rhs.shape[0]
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  out_dtype = jnp.dtype(out_dtype or lhs_MxK.dtype)
+  if m == 0:
+    return jnp.zeros((0, n), out_dtype)
+  k_pad, n_pad = _round_up(k, 128), _round_up(n, 128)
+  lhs = _pad_axis(lhs_MxK, 1, k_pad)
+  rhs = _pad_axis(_pad_axis(rhs, 2 if not transpose_rhs else 1, n_pad), 1 if not transpose_rhs else 2, k_pad)
+  in_bytes = jnp.dtype(lhs.dtype).itemsize
+  p = tiling_lib.choose("gmm", m, k_pad, n_pad, num_local, in_bytes, out_dtype.itemsize, tiling)
+  tm, tk, tn = p.tm, p.tk, p.tn
+  starts, ends = plan.local_bounds(group_sizes_G, first_group, num_local)
+  group_V, tile_V, count = plan.visits(starts, ends, m, tm, zero_tiles=True, empty_groups=False)
+  meta, at = plan.pack(starts, ends, group_V, tile_V, count)
+  k_last = k_pad // tk - 1
+
+  def k_index(i, kk, meta):
+    # Zero-tile and padding visits keep one k block: nothing new is fetched for them.
+    return jnp.where((i < meta[at.count]) & (meta[at.group + i] >= 0), kk, k_last)
+
+  def lhs_map(j, i, kk, meta):
+    return meta[at.tile + i], k_index(i, kk, meta)
+
+  def rhs_map(j, i, kk, meta):
+    g, kb = jnp.maximum(meta[at.group + i], 0), k_index(i, kk, meta)
+    return (g, j, kb) if transpose_rhs else (g, kb, j)
+
+  rhs_block = (1, tn, tk) if transpose_rhs else (1, tk, tn)
   out = pl.pallas_call(
-      functools.partial(_gmm_kernel, tm=tm),
-      out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),
+      functools.partial(_gmm_kernel, at=at, tm=tm, transpose_rhs=transpose_rhs, precision=_precision(lhs.dtype)),
+      out_shape=jax.ShapeDtypeStruct((m, n_pad), out_dtype),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=5,
-          grid=(n_pad // tn, num_visits, k_pad // tk),
-          in_specs=[
-              pl.BlockSpec((tm, tk), lambda j, i, kk, s, e, vg, vt, nv: (vt[i], kk)),
-              pl.BlockSpec((1, tk, tn), lambda j, i, kk, s, e, vg, vt, nv: (vg[i], kk, j)),
-          ],
-          out_specs=pl.BlockSpec((tm, tn), lambda j, i, kk, s, e, vg, vt, nv: (vt[i], j)),
+          num_scalar_prefetch=1,
+          grid=(n_pad // tn, group_V.shape[0], k_pad // tk),
+          in_specs=[pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec(rhs_block, rhs_map)],
+          out_specs=pl.BlockSpec((tm, tn), lambda j, i, kk, meta: (meta[at.tile + i], j)),
           scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
       ),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
-      cost_estimate=cost,
-      interpret=pltpu.InterpretParams() if interpret else False,
-  )(starts, ends, vgroup, vtile, nvis.reshape(1), lhs, rhs)
-  rows = jnp.arange(m)[:, None]
-  lo, hi = starts[0], ends[num_groups_local - 1]
-  return jnp.where((rows >= lo) & (rows < hi), out[:m, :n], 0).astype(out_dtype)
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "arbitrary", "arbitrary"), vmem_limit_bytes=tiling_lib.VMEM_LIMIT),
+      cost_estimate=pl.CostEstimate(flops=2 * m * k * n, transcendentals=0, bytes_accessed=p.hbm_bytes),
+      interpret=_interpret(interpret),
+      name="gmm",
+  )(meta, lhs, rhs)
+  return out if n_pad == n else out[:, :n]
 
 
-def _tgmm_kernel(starts_ref, ends_ref, vgroup_ref, vtile_ref, nvis_ref, lhs_ref, grad_ref, out_ref, acc_ref, *, tm):
-  i = pl.program_id(2)
-  num_v = pl.num_programs(2)
-  real = i < nvis_ref[0]
-  g, tile = vgroup_ref[i], vtile_ref[i]
-  new_group = (i == 0) | (vgroup_ref[jnp.maximum(i - 1, 0)] != g)
+def _tgmm_kernel(meta_ref, lhs_ref, grad_ref, out_ref, acc_ref, *, at, tm, precision):
+  i, last_i = pl.program_id(2), pl.num_programs(2) - 1
+  count = meta_ref[at.count]
+  g = meta_ref[at.group + i]
+  real = i < count
+  first = (i == 0) | (meta_ref[at.group + jnp.maximum(i - 1, 0)] != g)
+  last = (i + 1 >= count) | (meta_ref[at.group + jnp.minimum(i + 1, last_i)] != g)
+  start, end = meta_ref[at.start + g], meta_ref[at.end + g]
 
-  @pl.when(new_group)
+  @pl.when(real & first)
   def _():
     acc_ref[...] = jnp.zeros_like(acc_ref)
 
-  @pl.when(real)
+  @pl.when(real & (end > start))
   def _():
-    mask = _row_mask(tile, tm, starts_ref[g], ends_ref[g])
-    lhs = jnp.where(mask, lhs_ref[...], jnp.zeros_like(lhs_ref[...]))
-    acc_ref[...] += jax.lax.dot_general(lhs, grad_ref[...], (((0,), (0,)), ((), ())),
+    rows = meta_ref[at.tile + i] * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
+    mine = (rows >= start) & (rows < end)
+    lhs = jnp.where(mine, lhs_ref[...], 0)
+    grad = jnp.where(mine, grad_ref[...], 0)
+    acc_ref[...] += jax.lax.dot_general(lhs, grad, (((0,), (0,)), ((), ())), precision=precision,
                                         preferred_element_type=jnp.float32)
 
-  last_of_group = (i == num_v - 1) | (vgroup_ref[jnp.minimum(i + 1, num_v - 1)] != g) | (i + 1 >= nvis_ref[0])
-
-  @pl.when(real & last_of_group)
+  @pl.when(real & last)
   def _():
     out_ref[0] = acc_ref[...].astype(out_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("num_groups_local", "out_dtype", "tiling", "interpret"))
-def tgmm(lhs_MxK, grad_MxN, group_sizes_G, first_group, *, num_groups_local, out_dtype, tiling=None,
+@functools.partial(jax.jit, static_argnames=("num_groups", "out_dtype", "tiling", "interpret"))
+def tgmm(lhs_MxK, grad_MxN, group_sizes_G, first_group=0, *, num_groups, out_dtype=None, tiling=None,
          interpret=False):
-  """out[g] = lhs[rows of g].T @ grad[rows of g] for the local groups: [G_local, k, n]."""
+  """out[g] = lhs[rows of group first_group + g].T @ grad[same rows]: [num_groups, k, n]."""
   m, k = lhs_MxK.shape
   n = grad_MxN.shape[1]
-  tm, tk, tn = tile_sizes(m, k, n, tiling)
-  m_pad, k_pad, n_pad = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
-  lhs = _pad_to(lhs_MxK, (m_pad, k_pad))
-  grad = _pad_to(grad_MxN, (m_pad, n_pad))
-  starts, ends, vgroup, vtile, nvis = visit_plan(group_sizes_G, first_group, num_groups_local, m_pad, tm, True)
-  itemsize = jnp.dtype(lhs.dtype).itemsize
-  cost = pl.CostEstimate(
-      flops=2 * m * k * n, transcendentals=0,
-      bytes_accessed=(m * k + m * n) * itemsize + num_groups_local * k * n * jnp.dtype(out_dtype).itemsize)
+  out_dtype = jnp.dtype(out_dtype or lhs_MxK.dtype)
+  if m == 0:
+    return jnp.zeros((num_groups, k, n), out_dtype)
+  k_pad, n_pad = _round_up(k, 128), _round_up(n, 128)
+  lhs, grad = _pad_axis(lhs_MxK, 1, k_pad), _pad_axis(grad_MxN, 1, n_pad)
+  in_bytes = jnp.dtype(lhs.dtype).itemsize
+  p = tiling_lib.choose("tgmm", m, k_pad, n_pad, num_groups, in_bytes, out_dtype.itemsize, tiling)
+  tm, tk, tn = p.tm, p.tk, p.tn
+  starts, ends = plan.local_bounds(group_sizes_G, first_group, num_groups)
+  group_V, tile_V, count = plan.visits(starts, ends, m, tm, zero_tiles=False, empty_groups=True)
+  meta, at = plan.pack(starts, ends, group_V, tile_V, count)
+  tile_of = lambda i, meta: meta[at.tile + i]
   out = pl.pallas_call(
-      functools.partial(_tgmm_kernel, tm=tm),
-      out_shape=jax.ShapeDtypeStruct((num_groups_local, k_pad, n_pad), out_dtype),
+      functools.partial(_tgmm_kernel, at=at, tm=tm, precision=_precision(lhs.dtype)),
+      out_shape=jax.ShapeDtypeStruct((num_groups, k_pad, n_pad), out_dtype),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=5,
-          grid=(k_pad // tk, n_pad // tn, vtile.shape[0]),
+          num_scalar_prefetch=1,
+          grid=(k_pad // tk, n_pad // tn, group_V.shape[0]),
           in_specs=[
-              pl.BlockSpec((tm, tk), lambda kk, j, i, s, e, vg, vt, nv: (vt[i], kk)),
-              pl.BlockSpec((tm, tn), lambda kk, j, i, s, e, vg, vt, nv: (vt[i], j)),
+              pl.BlockSpec((tm, tk), lambda kk, j, i, meta: (tile_of(i, meta), kk)),
+              pl.BlockSpec((tm, tn), lambda kk, j, i, meta: (tile_of(i, meta), j)),
           ],
-          out_specs=pl.BlockSpec((1, tk, tn), lambda kk, j, i, s, e, vg, vt, nv: (vg[i], kk, j)),
+          out_specs=pl.BlockSpec((1, tk, tn), lambda kk, j, i, meta: (meta[at.group + i], kk, j)),
           scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)],
       ),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-      cost_estimate=cost,
-      interpret=pltpu.InterpretParams() if interpret else False,
-  )(starts, ends, vgroup, vtile, nvis.reshape(1), lhs, grad)
-  return out[:, :k, :n]
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=tiling_lib.VMEM_LIMIT),
+      cost_estimate=pl.CostEstimate(flops=2 * m * k * n, transcendentals=0, bytes_accessed=p.hbm_bytes),
+      interpret=_interpret(interpret),
+      name="tgmm",
+  )(meta, lhs, grad)
+  return out if (k_pad, n_pad) == (k, n) else out[:, :k, :n]

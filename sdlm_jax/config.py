@@ -62,6 +62,10 @@ def _check_model(m, seq_len):
   _one_of("model.moe.ec_group", moe.ec_group, EC_GROUPS)
   _one_of("model.moe.router_activation", moe.router_activation, ROUTER_ACTIVATIONS)
   _one_of("model.moe.backend", moe.backend, BACKENDS)
+  if moe.router == "expert_choice" and moe.backend not in ("auto", "xla"):
+    raise ConfigError(
+        f"model.moe.backend={moe.backend!r} selects a grouped-matmul kernel, which only token_choice uses; "
+        "expert_choice runs XLA top-k/gather/scatter: allowed values auto, xla")
   _positive("model.moe.expert_mlp_dim", moe.expert_mlp_dim)
   _positive("model.moe.top_k", moe.top_k)
   if moe.router == "token_choice" and moe.top_k > moe.num_experts:

@@ -16,6 +16,7 @@ from flax import nnx
 
 from configs import demo
 from sdlm_jax.parallel.mesh import make_mesh
+from sdlm_jax.parallel.rules import get_rules
 from sdlm_jax.train.loop import global_batch, init_model
 from sdlm_jax.train.step import make_loss_fn, step_rng
 
@@ -37,7 +38,7 @@ def main(variant, data, fsdp, expert, model, rules):
                         "segment_ids": seg,
                         "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()}, mesh)
   loss_fn = make_loss_fn(graphdef, rest, cfg.diffusion, 4)
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules(rules)):
     (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch, step_rng(0, 0))
   flat = {"/".join(map(str, path)): np.asarray(jax.device_get(g)).ravel()[:64].tolist()
           for path, g in jax.tree_util.tree_leaves_with_path(grads)}

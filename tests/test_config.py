@@ -86,6 +86,7 @@ def test_text_files_source_needs_paths():
 
 def test_bad_backend_and_remasking():
   assert "model.moe.backend" in _bad(lambda c: setattr(c.model.moe, "backend", "cuda"))
+  assert "only token_choice" in _bad(lambda c: setattr(c.model.moe, "backend", "interpret"))
   assert "sample.remasking" in _bad(lambda c: setattr(c.sample, "remasking", "greedy"))
 
 

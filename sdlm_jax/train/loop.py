@@ -126,7 +126,8 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
              desc="train", unit="step", dynamic_ncols=True)
   last = {}
   try:
-    with jax.set_mesh(mesh):
+    # The step is traced here: activation constraints need the mesh and the logical rules.
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules(cfg.mesh.rules)):
       for step in range(start_step, cfg.train.num_steps):
         batch = global_batch(next(train_iter), mesh)
         params, opt_state, metrics = step_fn(params, opt_state, batch, step)

@@ -1,141 +1,170 @@
-"""The input pipeline: documents -> ArrayRecord -> grain (shard, shuffle, repeat, tokenize,
-pack, batch) -> checkpointable iterator of numpy batches.
+"""The input pipeline: corpus -> ArrayRecord splits -> grain -> checkpointable batches.
 
-`prepare` turns the configured corpus into train/val ArrayRecord files (one UTF-8 document
-per record, written once and cached by corpus fingerprint) and a tokenizer. `make_iterator`
-then reads them back with grain; every process reads a disjoint slice of documents. Batches
-are dicts of int32 arrays [batch, seq_len]:
-  tokens       BOS + pieces + EOS per document, documents concatenated and split into rows
-  segment_ids  0 = padding, 1..n = the documents (or document pieces) in the row
-  positions    restart at 0 at each segment (RoPE positions)
-The iterator's state (`iterator_state`) is a small JSON-able dict saved with each checkpoint.
+`prepare` turns the configured corpus into train/val ArrayRecord files and a tokenizer,
+both cached in data.data_dir (see splits.py and tokenizer.py). `make_iterator` reads a
+split back with grain:
+
+  ArrayRecord documents -> this process's slice [process_index::process_count]
+  -> seeded shuffle (a new order every epoch) -> repeat (num_epochs; None/-1 forever)
+  -> tokenize (BOS + pieces + EOS) -> pack into rows of data.seq_len (packing.py)
+  -> batch of `batch_size` rows (a final partial batch is dropped)
+
+Batches are dicts of int32 numpy arrays [batch_size, seq_len]: `tokens`, `segment_ids`
+(0 = padding, 1..n = the document pieces in the row) and `positions` (0.. within each
+piece). Everything runs in the calling process (a few reader threads, no worker
+processes), and the output depends only on the corpus, the config and the seed.
+
+Resuming: `iterator_state(it)` is a small JSON-able dict and `restore_iterator(it, state)`
+puts a freshly made iterator (same arguments) back at that point. Each process has its
+own state; see the README for how the train loop checkpoints them.
 """
 
-import hashlib
 import os
 
 import grain
-import grain.experimental as grain_exp
 import numpy as np
-from array_record.python import array_record_module
 
 from sdlm_jax.data import corpus
-from sdlm_jax.data.tokenizer import Tokenizer, load_or_train
+from sdlm_jax.data import files
+from sdlm_jax.data import packing
+from sdlm_jax.data import splits
+from sdlm_jax.data import tokenizer as tokenizer_lib
+from sdlm_jax.data.tokenizer import Tokenizer
 
-SPLITS = ("train", "val")
-
-
-def _fingerprint(documents) -> str:
-  h = hashlib.sha256()
-  for d in documents:
-    h.update(hashlib.sha256(d.encode("utf-8")).digest())
-  return h.hexdigest()[:16]
+SPLITS = splits.SPLITS
+_READ_OPTIONS = grain.ReadOptions(num_threads=min(os.cpu_count() or 1, 4), prefetch_buffer_size=64)
 
 
-def is_validation(doc: str, val_fraction: float) -> bool:
-  """Stable split: a document's hash decides, independent of order and process."""
-  bucket = int.from_bytes(hashlib.sha256(doc.encode("utf-8")).digest()[:8], "big") % 1_000_000
-  return bucket < val_fraction * 1_000_000
+def prepare(data_cfg, vocab_size: int) -> tuple[Tokenizer, dict[str, str]]:
+  """Writes the train/val splits once and trains (or loads) the tokenizer on train.
 
-
-def _write_records(path: str, docs):
-  tmp = f"{path}.{os.getpid()}.tmp"  # processes preparing the same data never share a temp file
-  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
-  for d in docs:
-    writer.write(d.encode("utf-8"))
-  writer.close()
-  os.replace(tmp, path)
-
-
-def _split_paths(data_cfg, fingerprint: str) -> dict:
-  name = f"{data_cfg.source}_{fingerprint}_val{data_cfg.val_fraction}"
-  split_dir = os.path.join(os.path.abspath(data_cfg.data_dir), name)
-  return {s: os.path.join(split_dir, f"{s}.array_record") for s in SPLITS}
-
-
-def prepare(data_cfg, vocab_size: int) -> tuple[Tokenizer, dict]:
-  """Loads the corpus, writes train/val ArrayRecord files once, trains or loads the tokenizer.
-
-  Both are cached in data.data_dir under the corpus fingerprint, so a second call (another
-  process, a resumed run, evaluation) reuses them.
+  Returns (tokenizer, {"train": path, "val": path}). A second call with an unchanged
+  corpus reads no documents: it finds both in data.data_dir.
   """
-  docs = corpus.load_documents(data_cfg)
-  fingerprint = _fingerprint(docs)
-  paths = _split_paths(data_cfg, fingerprint)
-  is_val = [is_validation(d, data_cfg.val_fraction) for d in docs]
-  if not all(os.path.exists(p) for p in paths.values()):
-    os.makedirs(os.path.dirname(paths["train"]), exist_ok=True)
-    _write_records(paths["train"], [d for d, v in zip(docs, is_val) if not v])
-    _write_records(paths["val"], [d for d, v in zip(docs, is_val) if v])
-  train_docs = [d for d, v in zip(docs, is_val) if not v]
-  tokenizer = load_or_train(data_cfg.data_dir, train_docs, vocab_size, data_cfg.tokenizer_sample_chars, fingerprint)
+  found = splits.find(data_cfg)
+  train_docs = None
+  if found:
+    fingerprint, paths = found
+  else:
+    fingerprint, paths, by_split = splits.write(data_cfg, corpus.load_documents(data_cfg))
+    train_docs = by_split["train"]
+  key = splits.split_key(data_cfg, fingerprint)
+  cached = tokenizer_lib.cache_path(data_cfg.data_dir, vocab_size, data_cfg.tokenizer_sample_chars, key)
+  if os.path.exists(cached):
+    tokenizer = Tokenizer(cached)
+  else:
+    if train_docs is None:
+      train_docs = corpus.read_records(paths["train"])
+    if not train_docs:
+      raise ValueError(f"the training split is empty (data.val_fraction={data_cfg.val_fraction}); "
+                       "lower data.val_fraction or add data")
+    tokenizer = tokenizer_lib.load_or_train(
+        data_cfg.data_dir, train_docs, vocab_size, data_cfg.tokenizer_sample_chars, fingerprint=key)
   if tokenizer.vocab_size > vocab_size:
-    raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size={vocab_size}")
+    raise ValueError(f"tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces but "
+                     f"model.vocab_size={vocab_size}")
   return tokenizer, paths
 
 
 def split_path(data_cfg, split: str) -> str:
-  """The ArrayRecord file of a prepared split (prepare() must have run for this corpus)."""
+  """The ArrayRecord file of a prepared split."""
   if split not in SPLITS:
     raise ValueError(f"split={split!r}; allowed values: {', '.join(SPLITS)}")
-  path = _split_paths(data_cfg, _fingerprint(corpus.load_documents(data_cfg)))[split]
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist; call sdlm_jax.data.pipeline.prepare first")
-  return path
+  found = splits.find(data_cfg)
+  if not found:
+    raise FileNotFoundError(f"no prepared split of data.source={data_cfg.source!r} in "
+                            f"data.data_dir={data_cfg.data_dir!r}; call sdlm_jax.data.pipeline.prepare first")
+  return found[1][split]
 
 
 class _Tokenize(grain.transforms.Map):
+  """UTF-8 record -> int32 [BOS, pieces..., EOS]."""
+
   def __init__(self, tokenizer: Tokenizer):
-    self._tok = tokenizer
+    self._tokenizer = tokenizer
 
-  def map(self, record: bytes):
-    ids = self._tok.encode(record.decode("utf-8"))
-    return {"tokens": np.asarray([self._tok.bos_id, *ids, self._tok.eos_id], np.int32)}
+  def map(self, record: bytes) -> np.ndarray:
+    ids = self._tokenizer.encode(record.decode("utf-8"))
+    return np.asarray([self._tokenizer.bos_id, *ids, self._tokenizer.eos_id], np.int32)
 
 
-def _rename(batch):
-  return {"tokens": batch["tokens"], "segment_ids": batch["tokens_segment_ids"],
-          "positions": batch["tokens_positions"]}
+def _epochs(num_epochs) -> int | None:
+  if num_epochs is None or num_epochs == -1:
+    return None
+  if int(num_epochs) != num_epochs or num_epochs < 1:
+    raise ValueError(f"num_epochs={num_epochs!r}; allowed values: a positive integer, or None/-1 (forever)")
+  return int(num_epochs)
+
+
+def document_dataset(data_cfg, *, split: str, seed: int, process_index: int = 0,
+                     process_count: int = 1, num_epochs=None, shuffle: bool | None = None) -> grain.MapDataset:
+  """The (UTF-8 bytes) documents this process reads, in reading order: shard, shuffle, repeat."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+  path = split_path(data_cfg, split)
+  source = grain.sources.ArrayRecordDataSource(path)
+  if len(source) == 0:
+    raise ValueError(f"the {split} split is empty (data.val_fraction={data_cfg.val_fraction}): {path}")
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if len(ds) == 0:
+    raise ValueError(f"the {split} split has {len(source)} documents, too few for {process_count} processes")
+  if data_cfg.shuffle if shuffle is None else shuffle:
+    ds = ds.shuffle(seed=seed % (1 << 32))
+  return ds.repeat(_epochs(num_epochs))
 
 
 def make_dataset(data_cfg, tokenizer: Tokenizer, *, split: str, batch_size: int, seed: int,
-                 process_index: int = 0, process_count: int = 1, num_epochs=None) -> grain.IterDataset:
-  source = grain.sources.ArrayRecordDataSource(split_path(data_cfg, split))
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  if data_cfg.shuffle:
-    ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(None if num_epochs in (None, -1) else num_epochs)
-  ds = ds.map(_Tokenize(tokenizer)).to_iter_dataset()
-  ds = grain_exp.ConcatThenSplitIterDataset(ds, length_struct={"tokens": data_cfg.seq_len})
-  return ds.batch(batch_size, drop_remainder=True).map(_rename)
+                 process_index: int = 0, process_count: int = 1, num_epochs=None,
+                 shuffle: bool | None = None) -> grain.IterDataset:
+  """The batched dataset behind make_iterator (same arguments)."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size}; it is the per-process batch and must be >= 1")
+  docs = document_dataset(data_cfg, split=split, seed=seed, process_index=process_index,
+                          process_count=process_count, num_epochs=num_epochs, shuffle=shuffle)
+  ds = docs.map(_Tokenize(tokenizer)).to_iter_dataset(_READ_OPTIONS)
+  ds = packing.PackIterDataset(ds, seq_len=data_cfg.seq_len, pad_id=tokenizer.pad_id)
+  return ds.batch(batch_size, drop_remainder=True)
 
 
-def make_iterator(data_cfg, tokenizer: Tokenizer, **kwargs) -> grain.DatasetIterator:
-  """A checkpointable iterator over `make_dataset(...)` (same arguments)."""
-  return iter(make_dataset(data_cfg, tokenizer, **kwargs))
+def make_iterator(data_cfg, tokenizer: Tokenizer, *, split: str, batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1, num_epochs=None,
+                  shuffle: bool | None = None) -> grain.DatasetIterator:
+  """A checkpointable iterator of per-process batches (see the module docstring).
+
+  `shuffle=None` follows data.shuffle; `num_epochs=None` or -1 repeats forever.
+  """
+  return iter(make_dataset(data_cfg, tokenizer, split=split, batch_size=batch_size, seed=seed,
+                           process_index=process_index, process_count=process_count,
+                           num_epochs=num_epochs, shuffle=shuffle))
+
+
+def eval_iterator(data_cfg, tokenizer: Tokenizer, *, batch_size: int, split: str = "val") -> grain.DatasetIterator:
+  """One pass over a split in a fixed order (no shuffle, one epoch), for evaluation."""
+  return make_iterator(data_cfg, tokenizer, split=split, batch_size=batch_size, seed=0,
+                       num_epochs=1, shuffle=False)
 
 
 def iterator_state(it: grain.DatasetIterator) -> dict:
+  """This process's position in its stream: a small dict that survives a JSON round trip."""
   return it.get_state()
 
 
-def restore_iterator(it: grain.DatasetIterator, state: dict):
+def restore_iterator(it: grain.DatasetIterator, state: dict) -> None:
+  """Moves a fresh iterator (made with the same arguments) to a saved position."""
   it.set_state(state)
 
 
 def token_counts(data_cfg, tokenizer: Tokenizer, split: str = "train") -> np.ndarray:
-  """Unigram counts over a split (cached next to the split's files)."""
+  """Unigram counts [tokenizer.vocab_size] over a split, BOS/EOS included (cached)."""
   path = split_path(data_cfg, split)
-  cache = f"{path}.counts_{tokenizer.fingerprint}.npy"
+  cache = f"{path}.counts-{tokenizer.fingerprint}.npy"
   if os.path.exists(cache):
     return np.load(cache)
   counts = np.zeros(tokenizer.vocab_size, np.int64)
-  reader = array_record_module.ArrayRecordReader(path)
-  for record in reader.read_all():
-    ids = [tokenizer.bos_id, *tokenizer.encode(record.decode("utf-8")), tokenizer.eos_id]
+  for doc in corpus.read_records(path):
+    ids = [tokenizer.bos_id, *tokenizer.encode(doc), tokenizer.eos_id]
     counts += np.bincount(ids, minlength=tokenizer.vocab_size)
-  reader.close()
-  tmp = f"{cache}.{os.getpid()}.tmp.npy"
-  np.save(tmp, counts)
-  os.replace(tmp, cache)
+  with files.atomic_path(cache) as tmp:
+    with open(tmp, "wb") as f:
+      np.save(f, counts)
   return counts

@@ -1,31 +1,42 @@
 """SentencePiece tokenizer with the special ids the diffusion stack relies on.
 
-ids: pad 0, unk 1, bos 2, eos 3, [MASK] 4, newline 5 (kept as its own piece, so line
-structure survives a round trip). Byte fallback makes any text encodable. The model is
-trained in-process on the corpus and cached by vocabulary size and corpus fingerprint.
+ids: pad 0, unk 1, bos 2, eos 3, [MASK] 4, newline 5. `[MASK]` is a user-defined piece, so
+a prompt may spell it out to ask for infilling; the newline is its own piece so line
+structure survives a round trip. The model is BPE with byte fallback and the identity
+normaliser (no whitespace collapsing), so `decode(encode(text)) == text` for any text
+that does not itself contain the string "[MASK]".
+
+The model is trained in-process on a sample of the training documents and cached in
+`data_dir` under a name keyed by vocabulary size, sample size and a corpus fingerprint,
+so every later call (another host, a resumed run, evaluation) loads the same file.
 """
 
 import hashlib
 import io
 import os
-import tempfile
 
 import sentencepiece as spm
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
+from sdlm_jax.data import files
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID, NEWLINE_ID = 0, 1, 2, 3, 4, 5
 MASK_PIECE = "[MASK]"
+_SKIPPED_ON_DECODE = frozenset((PAD_ID, BOS_ID, EOS_ID, MASK_ID))
+# Bump when the trainer options below change: it is part of the cache key.
+TRAINER_VERSION = 2
 
 
 class Tokenizer:
-  """Thin wrapper over a SentencePieceProcessor; see module docstring for the ids."""
+  """A SentencePieceProcessor plus the project's special ids (see the module docstring)."""
 
   pad_id, unk_id, bos_id, eos_id, mask_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID
 
   def __init__(self, model_path: str):
     self.model_path = model_path
     self._sp = spm.SentencePieceProcessor(model_file=model_path)
-    if self._sp.piece_to_id(MASK_PIECE) != MASK_ID:
-      raise ValueError(f"{model_path}: [MASK] is not id {MASK_ID}; not a tokenizer made by sdlm_jax")
+    if self._sp.piece_to_id(MASK_PIECE) != MASK_ID or self._sp.pad_id() != PAD_ID:
+      raise ValueError(f"{model_path}: pad/[MASK] are not ids {PAD_ID}/{MASK_ID}; "
+                       "not a tokenizer made by sdlm_jax")
 
   @classmethod
   def load(cls, model_path: str) -> "Tokenizer":
@@ -34,56 +45,77 @@ class Tokenizer:
     return cls(model_path)
 
   @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  @property
   def fingerprint(self) -> str:
     """Content hash of the model: caches derived from a tokenizer are keyed by it."""
     return hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()[:16]
-
-  @property
-  def vocab_size(self) -> int:
-    return self._sp.get_piece_size()
 
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
 
   def decode(self, ids) -> str:
-    special = (PAD_ID, BOS_ID, EOS_ID, MASK_ID)
-    return self._sp.decode([int(i) for i in ids if int(i) not in special])
+    """Text of `ids`, skipping pad/bos/eos/[MASK] and ids the model does not have."""
+    size = self.vocab_size
+    return self._sp.decode([int(i) for i in ids if 0 <= int(i) < size and int(i) not in _SKIPPED_ON_DECODE])
 
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
 
 
-def _sentences(documents, max_chars: int):
-  """Paragraphs of the documents, up to max_chars characters in total."""
-  total = 0
-  for doc in documents:
+def _sample(documents, sample_chars: int):
+  """Paragraphs of documents spread evenly over the corpus, about sample_chars in total."""
+  documents = list(documents)
+  total = sum(len(d) for d in documents)
+  stride = max(1, round(total / max(sample_chars, 1)))
+  seen = 0
+  for doc in documents[::stride]:
     for para in doc.split("\n\n"):
       if para.strip():
         yield para
-        total += len(para)
-        if total >= max_chars:
+        seen += len(para)
+        if seen >= sample_chars:
           return
 
 
-def train_tokenizer(documents, vocab_size: int, sample_chars: int, model_path: str) -> Tokenizer:
-  """Trains a BPE model on up to `sample_chars` characters; writes it atomically."""
+def train(documents, vocab_size: int, sample_chars: int, model_path: str) -> Tokenizer:
+  """Trains BPE on a sample of `documents`; writes the model atomically to model_path.
+
+  A corpus too small for `vocab_size` pieces yields a smaller vocabulary (never a larger
+  one), so a tiny corpus still trains; the model keeps its configured embedding size.
+  """
   buf = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=_sentences(documents, sample_chars), model_writer=buf, vocab_size=vocab_size,
+      sentence_iterator=_sample(documents, sample_chars), model_writer=buf, vocab_size=vocab_size,
       model_type="bpe", pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-      user_defined_symbols=[MASK_PIECE, "\n"], byte_fallback=True, normalization_rule_name="identity",
-      remove_extra_whitespaces=False, split_digits=True, max_sentence_length=1 << 16,
-      num_threads=os.cpu_count() or 1, minloglevel=2)
-  os.makedirs(os.path.dirname(model_path) or ".", exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(model_path) or ".", suffix=".tmp")
-  with os.fdopen(fd, "wb") as f:
-    f.write(buf.getvalue())
-  os.replace(tmp, model_path)  # atomic: concurrent trainers never see a partial file
+      user_defined_symbols=[MASK_PIECE, "\n"], byte_fallback=True, hard_vocab_limit=False,
+      normalization_rule_name="identity", remove_extra_whitespaces=False,
+      allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=1 << 16,
+      num_threads=min(os.cpu_count() or 1, 8), minloglevel=2)
+  with files.atomic_path(model_path) as tmp:
+    with open(tmp, "wb") as f:
+      f.write(buf.getvalue())
   return Tokenizer(model_path)
 
 
-def load_or_train(data_dir: str, documents, vocab_size: int, sample_chars: int, fingerprint: str) -> Tokenizer:
-  path = os.path.join(data_dir, f"tokenizer_v{vocab_size}_{fingerprint}.model")
+def cache_path(data_dir: str, vocab_size: int, sample_chars: int, fingerprint: str) -> str:
+  """Where load_or_train keeps the model for this vocabulary, sample size and corpus."""
+  key = files.fingerprint([fingerprint, sample_chars, TRAINER_VERSION])
+  return os.path.join(os.path.abspath(data_dir), f"tokenizer-v{vocab_size}-{key}.model")
+
+
+def load_or_train(data_dir: str, documents, vocab_size: int, sample_chars: int, *,
+                  fingerprint: str | None = None) -> Tokenizer:
+  """Loads the cached model for this corpus, or trains and caches it.
+
+  `fingerprint` identifies the corpus in the cache name; by default it is a hash of
+  `documents` (pass it when the caller already has one, to skip hashing).
+  """
+  documents = list(documents)
+  fingerprint = fingerprint or files.fingerprint(documents)
+  path = cache_path(data_dir, vocab_size, sample_chars, fingerprint)
   if os.path.exists(path):
     return Tokenizer(path)
-  return train_tokenizer(documents, vocab_size, sample_chars, path)
+  return train(documents, vocab_size, sample_chars, path)

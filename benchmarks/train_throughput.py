@@ -24,7 +24,8 @@ from flax import nnx  # noqa: E402
 from configs import demo  # noqa: E402
 from sdlm_jax.parallel.mesh import make_mesh  # noqa: E402
 from sdlm_jax.scaling.flops import flops_per_token  # noqa: E402
-from sdlm_jax.train.loop import global_batch, init_model  # noqa: E402
+from sdlm_jax.train.loop import global_batch  # noqa: E402
+from sdlm_jax.train.state import init_model  # noqa: E402
 from sdlm_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
 from sdlm_jax.train.step import make_train_step  # noqa: E402
 

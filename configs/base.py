@@ -31,6 +31,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"         # compute dtype; params are kept in param_dtype
   m.param_dtype = "float32"
   m.attention = "auto"         # auto | xla | cudnn | splash
+  m.scan_layers = True         # stack each run of identical layers under one nnx.scan (compile time flat in depth)
+  m.remat = "full"             # what a block keeps for backward: none | full | save_dots | save_dots_no_batch | offload
 
   moe = m.moe = ml_collections.ConfigDict()
   moe.num_experts = 0          # 0: every layer uses a dense FFN

@@ -18,6 +18,7 @@ EC_GROUPS = ("sequence", "batch")
 ROUTER_ACTIVATIONS = ("softmax", "sigmoid")
 DTYPES = ("bfloat16", "float32", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "offload")
 DATA_SOURCES = ("shakespeare", "text_files", "array_record")
 LR_SCHEDULES = ("cosine", "wsd", "constant")
 REMASKING = ("low_confidence", "random")
@@ -53,6 +54,8 @@ def _check_model(m, seq_len):
   _one_of("model.dtype", m.dtype, DTYPES)
   _one_of("model.param_dtype", m.param_dtype, DTYPES)
   _one_of("model.attention", m.attention, ATTENTION_IMPLS)
+  _one_of("model.remat", m.remat, REMAT_POLICIES)
+  _one_of("model.scan_layers", m.scan_layers, (True, False))
   moe = m.moe
   if moe.num_experts < 0:
     raise ConfigError(f"model.moe.num_experts={moe.num_experts}; allowed values: 0 (dense) or a positive count")

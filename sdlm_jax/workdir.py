@@ -34,12 +34,31 @@ def save_run_files(workdir: str, cfg, tokenizer):
     os.replace(target + ".tmp", target)
 
 
+# Fields added after run directories were first written, with the value that reproduces
+# how such a run was trained (its checkpoint layout depends on them).
+_FIELDS_OF_OLDER_RUNS = {("model", "scan_layers"): False, ("model", "remat"): "none"}
+
+
+def _fill_missing(saved: dict, defaults: dict, path=()) -> dict:
+  """`saved` with every field it lacks taken from the older-run table or the base defaults."""
+  out = dict(saved)
+  for key, default in defaults.items():
+    if isinstance(default, dict):
+      out[key] = _fill_missing(saved.get(key, {}), default, path + (key,))
+    elif key not in saved:
+      out[key] = _FIELDS_OF_OLDER_RUNS.get(path + (key,), default)
+  return out
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's resolved config; fields added since it was written get their old meaning."""
+  from configs.base import get_base_config  # pylint: disable=import-outside-toplevel
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a directory written by sdlm-train?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  return ml_collections.ConfigDict(_fill_missing(saved, get_base_config().to_dict()))
 
 
 def load_tokenizer(workdir: str):
@@ -52,12 +71,11 @@ def load_trained_model(workdir: str, step=None):
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from sdlm_jax.parallel.mesh import make_mesh  # pylint: disable=import-outside-toplevel
   from sdlm_jax.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-  from sdlm_jax.train.loop import init_model  # pylint: disable=import-outside-toplevel
+  from sdlm_jax.train.state import abstract_model  # pylint: disable=import-outside-toplevel
 
   cfg = load_config(workdir)
   tokenizer = load_tokenizer(workdir)
-  model = init_model(cfg, make_mesh(cfg.mesh))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, rest = abstract_model(cfg, make_mesh(cfg.mesh))
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints, async_save=False)
   params, step = ckpt.restore_params(params, step)
   ckpt.close()

@@ -94,3 +94,10 @@ def test_validation_names_match_the_modules_that_implement_them():
   from sdlm_jax.diffusion import objectives, schedules  # pylint: disable=import-outside-toplevel
   assert set(config_lib.SCHEDULES) == set(schedules.SCHEDULE_NAMES)
   assert set(config_lib.DIFFUSION_LOSSES) == set(objectives.LOSS_NAMES)
+  from sdlm_jax.model import transformer  # pylint: disable=import-outside-toplevel
+  assert set(config_lib.REMAT_POLICIES) == set(transformer.REMAT_POLICIES)
+
+
+def test_bad_remat_and_scan():
+  assert "model.remat" in _bad(lambda c: setattr(c.model, "remat", "some"))
+  assert "model.scan_layers" in _bad(lambda c: setattr(c.model, "scan_layers", "yes"))

@@ -133,7 +133,9 @@ def test_first_k_dense_layers_and_all_padding_rows():
   cfg = _model_cfg("ec,smoke", num_layers=3)
   cfg.moe.first_k_dense = 2
   model = Transformer(cfg, rngs=nnx.Rngs(0))
-  assert [isinstance(b.ffn, MoE) for b in model.blocks] == [False, False, True]
+  # Two scanned stacks: 2 dense layers (params stacked on a leading axis of 2), then 1 MoE layer.
+  kinds = [(isinstance(s.blocks.ffn, MoE), s.blocks.attn.wq[...].shape[0]) for s in model.stacks]
+  assert kinds == [(False, 2), (True, 1)]
   seg = jnp.asarray([[1] * 8, [0] * 8])  # a row of padding only
   logits, aux = _forward(model, jnp.full((2, 8), 5, jnp.int32), seg)
   assert np.all(np.isfinite(np.asarray(logits))) and np.isfinite(float(aux["aux_loss"]))
@@ -157,3 +159,55 @@ def test_every_param_carries_logical_axis_names_and_builds_under_a_mesh():
     names = var.get_metadata().get("out_sharding")
     assert names is not None and len(names) == var[...].ndim, path
     assert set(names) <= allowed and any(names), (path, names)
+
+
+def _unrolled_and_scanned(variant):
+  """The same weights as an unrolled model and as a scanned one (stacked per layer)."""
+  cfg = _model_cfg(variant, num_layers=3, scan_layers=False)
+  cfg.moe.first_k_dense = 1
+  unrolled = Transformer(cfg, rngs=nnx.Rngs(0))
+  scanned_cfg = cfg.copy_and_resolve_references()
+  scanned_cfg.scan_layers = True
+  scanned = Transformer(scanned_cfg, rngs=nnx.Rngs(1))
+  flat = dict(nnx.to_flat_state(nnx.state(unrolled, nnx.Param)))
+  stacked = {}
+  for path, var in nnx.to_flat_state(nnx.state(scanned, nnx.Param)):
+    if path[0] == "stacks":  # ("stacks", s, "blocks", ...) <- ("stacks", s, "blocks", i, ...)
+      layers = var[...].shape[0]
+      stacked[path] = jnp.stack([flat[path[:3] + (i,) + path[3:]][...] for i in range(layers)])
+    else:
+      stacked[path] = flat[path][...]
+  nnx.update(scanned, nnx.from_flat_state(stacked))
+  return unrolled, scanned
+
+
+@pytest.mark.parametrize("variant", ["ec,smoke", "tc,smoke"])
+def test_scanned_layers_equal_unrolled_layers(variant):
+  unrolled, scanned = _unrolled_and_scanned(variant)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(5, 500, (2, 16)), jnp.int32)
+  seg = jnp.asarray([[1] * 16, [1] * 10 + [0] * 6])
+  (a, aux_a), (b, aux_b) = _forward(unrolled, tokens, seg), _forward(scanned, tokens, seg)
+  np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+  for key in aux_a["router"]:
+    np.testing.assert_allclose(np.asarray(aux_b["router"][key]), np.asarray(aux_a["router"][key]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(aux_b["aux_loss"]), float(aux_a["aux_loss"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots", "save_dots_no_batch"])
+def test_remat_policies_change_memory_not_gradients(remat):
+  cfg = _model_cfg("ec,smoke", remat="none")
+  state = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(5, 500, (2, 16)), jnp.int32)
+
+  def grads(policy):
+    remat_cfg = cfg.copy_and_resolve_references()
+    remat_cfg.remat = policy
+    remat_graphdef, _ = nnx.split(Transformer(remat_cfg, rngs=nnx.Rngs(0)))
+    loss = lambda s: jnp.sum(nnx.merge(remat_graphdef, s)(tokens)[0] ** 2)
+    is_rematted = "remat" in str(jax.make_jaxpr(jax.grad(loss))(state))
+    return jax.jit(jax.grad(loss))(state), is_rematted
+
+  (reference, plain), (rematted, wrapped) = grads("none"), grads(remat)
+  assert not plain and wrapped
+  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(rematted)):  # recomputation reorders float sums
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)

@@ -7,7 +7,8 @@ from flax import nnx
 
 from configs import demo
 from sdlm_jax.parallel.mesh import make_mesh
-from sdlm_jax.train.loop import global_batch, init_model
+from sdlm_jax.train.loop import global_batch
+from sdlm_jax.train.state import init_model
 from sdlm_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from sdlm_jax.train.step import make_train_step
 

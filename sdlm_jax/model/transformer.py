@@ -3,8 +3,15 @@
 Bidirectional for diffusion, causal for the AR baseline: the same code behind `cfg.causal`.
 There is no time embedding (masked diffusion needs none). Params live in `param_dtype`,
 matmuls run in `dtype`, logits come back in float32.
+
+Layers come in at most two stacks: the first `moe.first_k_dense` layers with a dense FFN,
+then the MoE layers (all layers are dense without experts). With `scan_layers` each stack
+holds its blocks' params stacked on a leading `layers` axis and runs them under one
+`nnx.scan`, so compile time does not grow with depth; otherwise the blocks are unrolled.
+Either way each block is rematerialised by `remat` (see REMAT_POLICIES).
 """
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
@@ -15,32 +22,87 @@ from sdlm_jax.model.mlp import SwiGLU
 from sdlm_jax.model.moe import MoE
 from sdlm_jax.parallel.sharding import constrain
 
+_POLICIES = jax.checkpoint_policies
+# What a block keeps for the backward pass (everything else is recomputed):
+REMAT_POLICIES = {
+    "none": None,                                       # no remat: keep every activation
+    "full": _POLICIES.nothing_saveable,                 # keep only the block's input
+    "save_dots": _POLICIES.dots_saveable,               # keep every matmul output
+    "save_dots_no_batch": _POLICIES.dots_with_no_batch_dims_saveable,  # ... except batched ones (attention, experts)
+    "offload": _POLICIES.offload_dot_with_no_batch_dims("device", "pinned_host"),  # those, in host memory
+}
+
 
 def is_moe_layer(cfg, layer: int) -> bool:
   """Layer `layer` (0-based) uses an MoE FFN: experts exist and it is past the first_k_dense."""
   return cfg.moe.num_experts > 0 and layer >= cfg.moe.first_k_dense
 
 
+def layer_stacks(cfg) -> list[tuple[int, bool]]:
+  """(number of layers, is MoE) of each stack, in order; empty stacks are left out."""
+  num_moe = sum(is_moe_layer(cfg, i) for i in range(cfg.num_layers))
+  return [(n, moe) for n, moe in ((cfg.num_layers - num_moe, False), (num_moe, True)) if n]
+
+
 class Block(nnx.Module):
   """x + attn(norm(x)), then + ffn(norm(x)); the FFN is dense SwiGLU or MoE."""
 
-  def __init__(self, cfg, layer: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg, is_moe: bool, *, rngs: nnx.Rngs):
     pd = dtype_of(cfg.param_dtype)
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
     self.attn = Attention(cfg, rngs=rngs)
     self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
-    self.is_moe = is_moe_layer(cfg, layer)
-    self.ffn = MoE(cfg, rngs=rngs) if self.is_moe else SwiGLU(cfg.d_model, cfg.mlp_dim, cfg, rngs=rngs)
+    self.is_moe = is_moe
+    self.ffn = MoE(cfg, rngs=rngs) if is_moe else SwiGLU(cfg.d_model, cfg.mlp_dim, cfg, rngs=rngs)
 
   def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, token_mask_BxL):
-    """Returns (x_BxLxD, router losses, router stats); the last two are None for a dense FFN."""
+    """Returns (x_BxLxD, (router losses, router stats)); both None for a dense FFN."""
     x_BxLxD = constrain(x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segment_ids_BxL, positions_BxL), ACT_BLD)
     h_BxLxD = self.ffn_norm(x_BxLxD)
     if self.is_moe:
       y_BxLxD, losses, stats = self.ffn(h_BxLxD, token_mask_BxL)
     else:
       y_BxLxD, losses, stats = self.ffn(h_BxLxD), None, None
-    return constrain(x_BxLxD + y_BxLxD, ACT_BLD), losses, stats
+    return constrain(x_BxLxD + y_BxLxD, ACT_BLD), (losses, stats)
+
+
+def _run_block(remat: str):
+  """block(x, ...) with the config's rematerialisation policy applied."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"model.remat={remat!r}; allowed values: {', '.join(REMAT_POLICIES)}")
+  call = lambda block, *args: block(*args)
+  return call if remat == "none" else nnx.remat(call, policy=REMAT_POLICIES[remat])
+
+
+class LayerStack(nnx.Module):
+  """`num` blocks of one kind, scanned (stacked params) or unrolled; see the module docstring."""
+
+  def __init__(self, cfg, num: int, is_moe: bool, *, rngs: nnx.Rngs):
+    self.scan = cfg.scan_layers
+    self.remat = cfg.remat
+    if self.scan:
+      @nnx.split_rngs(splits=num)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make(block_rngs):
+        return Block(cfg, is_moe, rngs=block_rngs)
+      self.blocks = make(rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, is_moe, rngs=rngs) for _ in range(num)])
+
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, token_mask_BxL):
+    """Returns (x_BxLxD, per-layer (losses, stats) stacked on a leading axis; None if dense)."""
+    run = _run_block(self.remat)
+    if self.scan:
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def body(x, block):
+        return run(block, x, segment_ids_BxL, positions_BxL, token_mask_BxL)
+      return body(x_BxLxD, self.blocks)
+    outs = []
+    for block in self.blocks:
+      x_BxLxD, out = run(block, x_BxLxD, segment_ids_BxL, positions_BxL, token_mask_BxL)
+      outs.append(out)
+    return x_BxLxD, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
 
 class Transformer(nnx.Module):
@@ -58,7 +120,7 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     self.dtype = dtype_of(cfg.dtype)
     self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pd)
-    self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    self.stacks = nnx.List([LayerStack(cfg, n, moe, rngs=rngs) for n, moe in layer_stacks(cfg)])
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
     self.lm_head = None if cfg.tie_embeddings else param(
         rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pd)
@@ -72,25 +134,26 @@ class Transformer(nnx.Module):
     # lookup into a d_model-sharded table would have to re-shard its output from d to batch.
     table_VxD = constrain(self.embed[...], ("vocab", None))
     x_BxLxD = constrain(jnp.take(table_VxD, tokens_BxL, axis=0).astype(self.dtype), ACT_BLD)
-    losses, stats = [], []
-    for block in self.blocks:
-      x_BxLxD, layer_losses, layer_stats = block(x_BxLxD, segment_ids_BxL, positions_BxL, token_mask_BxL)
-      if layer_losses is not None:
-        losses.append(layer_losses)
-        stats.append(layer_stats)
+    router_outs = []
+    for stack in self.stacks:
+      x_BxLxD, (losses, stats) = stack(x_BxLxD, segment_ids_BxL, positions_BxL, token_mask_BxL)
+      if losses is not None:
+        router_outs.append((losses, stats))
     x_BxLxD = self.final_norm(x_BxLxD)
     head_DxV = self.embed[...].T if self.lm_head is None else self.lm_head[...]
     logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(self.dtype),
                               preferred_element_type=jnp.float32)
     logits_BxLxV = constrain(logits_BxLxV, ("activation_batch", "activation_length", "activation_vocab"))
-    return logits_BxLxV, self._aux(losses, stats)
+    return logits_BxLxV, self._aux(router_outs)
 
-  def _aux(self, losses, stats) -> dict:
-    if not losses:
+  def _aux(self, router_outs) -> dict:
+    """Router losses and stats over all MoE layers; each stack's come stacked on axis 0."""
+    if not router_outs:
       return {"aux_loss": jnp.zeros((), jnp.float32), "router": {}}
     moe = self.cfg.moe
-    layer_mean = lambda key, items: jnp.mean(jnp.stack([x[key] for x in items]), axis=0).astype(jnp.float32)
-    router = {key: layer_mean(key, stats) for key in stats[0]}
-    router.update(load_balance_loss=layer_mean("load_balance_loss", losses), z_loss=layer_mean("z_loss", losses))
-    aux_loss = sum(moe.load_balance_weight * x["load_balance_loss"] + moe.z_loss_weight * x["z_loss"] for x in losses)
-    return {"aux_loss": jnp.asarray(aux_loss, jnp.float32), "router": router}
+    (losses, stats), = router_outs  # MoE layers form one stack
+    layer_mean = lambda x: jnp.mean(x, axis=0).astype(jnp.float32)
+    router = {key: layer_mean(v) for key, v in stats.items()}
+    router.update({key: layer_mean(v) for key, v in losses.items()})
+    aux_loss = jnp.sum(moe.load_balance_weight * losses["load_balance_loss"] + moe.z_loss_weight * losses["z_loss"])
+    return {"aux_loss": aux_loss.astype(jnp.float32), "router": router}

@@ -4,7 +4,7 @@ Every parameter and key activation in the model is annotated with logical axis n
 (left column); a rule set maps each to a mesh axis (or None: replicated). Rule sets are
 selected by name with `get_rules(name)`.
 
-Parameter axes:  vocab, embed, heads, kv_heads, head_dim, mlp, expert, expert_mlp, norm
+Parameter axes:  vocab, embed, heads, kv_heads, head_dim, mlp, expert, expert_mlp, norm, layers
 Activation axes: activation_batch, activation_length, activation_embed, activation_heads,
                  activation_kv_heads, activation_mlp, activation_vocab, activation_expert,
                  activation_capacity
@@ -22,6 +22,7 @@ _PARAM_RULES = (
     ("expert", "expert"),
     ("expert_mlp", "model"),
     ("norm", None),
+    ("layers", None),  # the stacked-layer axis of scanned params
 )
 
 _ACTIVATION_RULES = (

@@ -44,6 +44,23 @@ def own_process_state(saved: dict) -> dict:
   return states[jax.process_index()]
 
 
+def agreed_latest_step(ckpt) -> int:
+  """The step to resume from (0: start fresh), the same on every process, or an error.
+
+  Every process must see the same checkpoints (the run directory is shared); one that sees
+  another latest step would restore a different state and the job would diverge silently.
+  """
+  step = ckpt.latest_step() or 0
+  if jax.process_count() == 1:
+    return step
+  steps = np.ravel(multihost_utils.process_allgather(np.array([step], np.int64)))
+  if len(set(steps.tolist())) != 1:
+    raise RuntimeError(
+        f"processes see different latest checkpoints in {ckpt.directory} (per process: {steps.tolist()}); "
+        "the run directory must be one shared path that every worker sees")
+  return step
+
+
 class Checkpointer:
   """A thin wrapper over ocp.CheckpointManager with this project's items."""
 

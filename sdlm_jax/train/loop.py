@@ -20,11 +20,11 @@ from tqdm import tqdm
 from sdlm_jax import config as config_lib
 from sdlm_jax import workdir as workdir_lib
 from sdlm_jax.data import pipeline
-from sdlm_jax.model.transformer import Transformer
 from sdlm_jax.parallel.mesh import make_mesh
 from sdlm_jax.parallel.rules import get_rules
 from sdlm_jax.train import evaluate
-from sdlm_jax.train.checkpoint import Checkpointer, gather_process_states, own_process_state
+from sdlm_jax.train import state as state_lib
+from sdlm_jax.train.checkpoint import Checkpointer, agreed_latest_step, gather_process_states, own_process_state
 from sdlm_jax.train.metrics import MetricsWriter, first_nonfinite, summarize
 from sdlm_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from sdlm_jax.train.step import make_train_step
@@ -40,12 +40,6 @@ def global_batch(local_batch: dict, mesh) -> dict:
   """Assembles each process's slice of the batch into one array sharded over the batch axes."""
   sharding = NamedSharding(mesh, P(BATCH_AXES))
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
-
-
-def init_model(cfg, mesh):
-  """Builds the model under the mesh and logical rules, so params are created sharded."""
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules(cfg.mesh.rules)):
-    return Transformer(cfg.model, rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(cfg.seed), 0)))
 
 
 class _Pending:
@@ -98,13 +92,8 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   if is_main:
     workdir_lib.save_run_files(workdir, cfg, tokenizer)
 
-  model = init_model(cfg, mesh)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   optimizer = make_optimizer(cfg.train.optimizer, cfg.train.num_steps)
   lr_schedule = learning_rate_schedule(cfg.train.optimizer, cfg.train.num_steps)
-  with jax.set_mesh(mesh):
-    opt_state = jax.jit(optimizer.init)(params)
-
   local_batch = cfg.train.batch_size // jax.process_count()
   train_iter = pipeline.make_iterator(
       cfg.data, tokenizer, split="train", batch_size=local_batch, seed=cfg.seed,
@@ -112,14 +101,20 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
       num_epochs=None if cfg.data.num_epochs == -1 else cfg.data.num_epochs)
 
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
-  start_step = ckpt.latest_step() or 0
-  if start_step:
+  start_step = agreed_latest_step(ckpt)
+  if start_step:  # restore straight onto the shardings: no freshly initialised copy first
+    graphdef, params, rest = state_lib.abstract_model(cfg, mesh)
+    opt_state = state_lib.abstract_opt_state(optimizer, params, mesh)
     params, opt_state, data_state, meta = ckpt.restore(start_step, params, opt_state)
     pipeline.restore_iterator(train_iter, own_process_state(data_state))
     print(f"Resumed from step {start_step} (data position restored, seed {meta['seed']}).", flush=True)
+  else:
+    graphdef, params, rest = nnx.split(state_lib.init_model(cfg, mesh), nnx.Param, ...)
+    opt_state = state_lib.init_opt_state(optimizer, params, mesh)
   writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
 
-  step_fn = make_train_step(graphdef, rest, optimizer, lr_schedule, cfg, tokenizer.mask_id)
+  step_fn = make_train_step(graphdef, rest, optimizer, lr_schedule, cfg, tokenizer.mask_id,
+                            state_shardings=state_lib.shardings_of((params, opt_state)))
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
   pending = _Pending()
   bar = tqdm(total=cfg.train.num_steps, initial=start_step, disable=not (progress and is_main),

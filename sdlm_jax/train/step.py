@@ -44,8 +44,13 @@ def _sum_buckets(metrics):
 
 
 def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, lr_schedule, cfg,
-                    mask_id: int):
-  """Returns step(params, opt_state, batch, step) -> (params, opt_state, metrics), jitted."""
+                    mask_id: int, state_shardings=None):
+  """Returns step(params, opt_state, batch, step) -> (params, opt_state, metrics), jitted.
+
+  `state_shardings=(params shardings, opt_state shardings)` pins the updated state to the
+  layout it came in with, so the donated buffers are reused and every step runs the same
+  compiled program (None: let the compiler choose).
+  """
   grad_fn = jax.value_and_grad(make_loss_fn(graphdef, rest, cfg.diffusion, mask_id), has_aux=True)
   num_micro = cfg.train.grad_accum_steps
 
@@ -63,7 +68,7 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, lr_
       grads, stacked = jax.lax.scan(body, zeros, (jnp.arange(num_micro), micro))
       grads = jax.tree.map(lambda g: g / num_micro, grads)
       metrics = _sum_buckets(stacked)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     # A non-finite loss or gradient never reaches the state: the step is dropped (the loop
@@ -73,4 +78,5 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, lr_
     metrics.update(grad_norm=grad_norm, lr=lr_schedule(step))
     return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
-  return jax.jit(train_step, donate_argnums=(0, 1))
+  out_shardings = None if state_shardings is None else (*state_shardings, None)
+  return jax.jit(train_step, donate_argnums=(0, 1), out_shardings=out_shardings)

@@ -106,10 +106,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   s.cfg_scale = 0.0            # classifier-free guidance (0: off)
 
   # ---------------------------------------------------------------- device mesh
+  # Sizes inside one slice (ICI) and across slices (DCN, multi-slice TPU jobs); an axis spans
+  # ICI x DCN devices. One -1 per group fills the slice's devices / the number of slices.
   mesh = c.mesh = ml_collections.ConfigDict()
-  mesh.data = -1               # -1: all remaining devices
+  mesh.data = -1               # -1: all remaining devices of a slice
   mesh.fsdp = 1
   mesh.expert = 1
   mesh.model = 1
+  mesh.dcn_data = -1           # -1: one data-parallel group per slice (1 on a single slice)
+  mesh.dcn_fsdp = 1
+  mesh.dcn_expert = 1
+  mesh.dcn_model = 1
   mesh.rules = "default"        # logical-axis rule set (sdlm_jax/parallel/rules.py): default | data
   return c

@@ -114,7 +114,7 @@ def _check_data(data):
     raise ConfigError(f"data.num_epochs={data.num_epochs}; allowed values: -1 (forever) or >= 1")
 
 
-def _check_train(cfg, num_devices, process_count):
+def _check_train(cfg, num_devices, process_count, num_slices):
   t = cfg.train
   for f in ("batch_size", "grad_accum_steps", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
     _positive(f"train.{f}", t[f])
@@ -127,7 +127,7 @@ def _check_train(cfg, num_devices, process_count):
   if not 0.0 <= t.optimizer.decay_fraction <= 1.0:
     raise ConfigError(f"train.optimizer.decay_fraction={t.optimizer.decay_fraction}; allowed values: [0, 1]")
   _one_of("mesh.rules", cfg.mesh.rules, tuple(RULE_SETS))
-  sizes = dict(zip(("data", "fsdp", "expert", "model"), mesh_shape(cfg.mesh, num_devices)))
+  sizes = dict(zip(("data", "fsdp", "expert", "model"), mesh_shape(cfg.mesh, num_devices, num_slices)))
   batch_shards = sizes["data"] * sizes["fsdp"]
   divisor = math.lcm(batch_shards, process_count) * t.grad_accum_steps
   if t.batch_size % divisor:
@@ -159,13 +159,13 @@ def _check_sample(s):
     raise ConfigError(f"sample.temperature={s.temperature}; allowed values: >= 0")
 
 
-def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1, process_count: int = 1):
+def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1, process_count: int = 1, num_slices: int = 1):
   """Raises ConfigError for the first field that cannot work; returns cfg otherwise."""
   _check_model(cfg.model, cfg.data.seq_len)
   _check_diffusion(cfg.diffusion, cfg.model.causal)
   _check_data(cfg.data)
   try:
-    _check_train(cfg, num_devices, process_count)
+    _check_train(cfg, num_devices, process_count, num_slices)
   except ValueError as e:  # mesh_shape errors name their field already
     raise ConfigError(str(e)) from None
   _check_sample(cfg.sample)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from sdlm_jax import config as config_lib
 from sdlm_jax import workdir as workdir_lib
 from sdlm_jax.data import pipeline
-from sdlm_jax.parallel.mesh import make_mesh
+from sdlm_jax.parallel.mesh import make_mesh, num_slices_of
 from sdlm_jax.parallel.rules import get_rules
 from sdlm_jax.train import evaluate
 from sdlm_jax.train import state as state_lib
@@ -83,7 +83,7 @@ class _Pending:
 
 def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
-  config_lib.validate(cfg, jax.device_count(), jax.process_count())
+  config_lib.validate(cfg, jax.device_count(), jax.process_count(), num_slices_of(jax.devices()))
   cfg = cfg.copy_and_resolve_references()
   cfg.data.data_dir = os.path.abspath(cfg.data.data_dir)  # config.json must work from any directory
   is_main = jax.process_index() == 0

@@ -23,6 +23,7 @@ class Chip:
 
 
 CHIPS = {
+    "v4": Chip("v4", 275e12, 1.2e12, 16 << 20, 32 << 30, 2),
     "v5e": Chip("v5e", 197e12, 0.82e12, 128 << 20, 16 << 30, 1),
     "v5p": Chip("v5p", 459e12, 2.46e12, 64 << 20, 95 << 30, 2),
     "v6e": Chip("v6e", 918e12, 1.64e12, 128 << 20, 32 << 30, 1),
@@ -54,7 +55,7 @@ def chip() -> Chip:
     return CHIPS[_STACK[-1][1]]
   if not _STACK and jax.default_backend() == "tpu":
     kind = jax.devices()[0].device_kind.lower()
-    for name, key in (("v5e", "v5 lite"), ("v5e", "v5e"), ("v6e", "v6"), ("v5p", "v5")):
+    for name, key in (("v5e", "v5 lite"), ("v5e", "v5e"), ("v6e", "v6"), ("v5p", "v5"), ("v4", "v4")):
       if key in kind:
         return CHIPS[name]
   return CHIPS[DEFAULT_CHIP]

@@ -128,11 +128,11 @@ def _check_train(cfg, num_devices, process_count, num_slices):
     raise ConfigError(f"train.optimizer.decay_fraction={t.optimizer.decay_fraction}; allowed values: [0, 1]")
   _one_of("mesh.rules", cfg.mesh.rules, tuple(RULE_SETS))
   sizes = dict(zip(("data", "fsdp", "expert", "model"), mesh_shape(cfg.mesh, num_devices, num_slices)))
-  batch_shards = sizes["data"] * sizes["fsdp"]
+  batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
   divisor = math.lcm(batch_shards, process_count) * t.grad_accum_steps
   if t.batch_size % divisor:
     raise ConfigError(
-        f"train.batch_size={t.batch_size} is not divisible by (data*fsdp devices={batch_shards}, "
+        f"train.batch_size={t.batch_size} is not divisible by (data*fsdp*expert devices={batch_shards}, "
         f"processes={process_count}) x train.grad_accum_steps={t.grad_accum_steps}; allowed values: "
         f"multiples of {divisor}")
   experts = cfg.model.moe.num_experts

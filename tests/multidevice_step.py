@@ -40,11 +40,14 @@ def main(variant, data, fsdp, expert, model, rules):
                         "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()}, mesh)
   loss_fn = make_loss_fn(graphdef, rest, cfg.diffusion, 4)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules(rules)):
-    (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch, step_rng(0, 0))
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    (loss, _), grads = grad_fn(params, batch, step_rng(0, 0))
+    hlo = grad_fn.lower(params, batch, step_rng(0, 0)).compile().as_text()
   flat = {"/".join(map(str, path)): np.asarray(jax.device_get(g)).ravel()[:64].tolist()
           for path, g in jax.tree_util.tree_leaves_with_path(grads)}
   shardings = sorted({str(p.sharding.spec) for p in jax.tree.leaves(params)})
-  print(json.dumps({"loss": float(loss), "grads": flat, "param_specs": shardings}))
+  print(json.dumps({"loss": float(loss), "grads": flat, "param_specs": shardings,
+                    "all_to_all": hlo.count(" all-to-all(")}))
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def test_batch_level_groups_are_the_batch_shards_of_the_active_mesh():
   assert batch_shards() == 1  # no mesh, no rules
   mesh = AbstractMesh((2, 4, 2, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
   with jax.sharding.use_abstract_mesh(mesh), nnx.logical_axis_rules(get_rules()):
-    assert batch_shards() == 8  # activation_batch -> (data, fsdp)
+    assert batch_shards() == 16  # activation_batch -> (data, fsdp, expert)
   assert ec_num_groups("batch", 16, 8) == 8
   assert ec_num_groups("batch", 3, 8) == 1  # an unsharded odd batch is one group
   assert ec_num_groups("sequence", 16, 8) == 16

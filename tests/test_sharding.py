@@ -1,4 +1,8 @@
-"""On 8 fake CPU devices, every rule set gives the single-device loss and gradients."""
+"""On 8 fake CPU devices, every rule set gives the single-device loss and gradients.
+
+Meshes with an expert axis run expert parallelism: EC's all_to_all of the dispatch buffer and
+TC's padded all_to_all exchange inside its shard_map (the CPU has no ragged_all_to_all).
+"""
 
 import json
 import os
@@ -39,3 +43,5 @@ def test_sharded_step_matches_single_device(variant):
       np.testing.assert_allclose(sharded["grads"][name], g, rtol=1e-4, atol=1e-6, err_msg=f"{mesh} {name}")
     if mesh[-1] != "data":
       assert any("fsdp" in s for s in sharded["param_specs"]), sharded["param_specs"]  # really sharded
+    # Expert parallelism moves tokens with all-to-all, and only when experts are split.
+    assert (sharded["all_to_all"] > 0) == (variant != "dense" and mesh[2] > 1), (mesh, sharded["all_to_all"])

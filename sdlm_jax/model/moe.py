@@ -10,9 +10,13 @@ E*C <= N*k (token, expert) pairs: there is no one-hot dispatch over the batch.
 Token choice (TC): the N*k (token, expert) pairs are sorted by expert, their rows gathered and
 run through grouped matmuls (`pallas_kernels.gmm`), then unsorted and summed with their gates.
 
+Expert parallelism (parallel/expert.py): EC's [G, E, C, D] buffer goes to the experts'
+devices and back with one all_to_all each way; TC's pairs are exchanged inside a shard_map.
+
 Padding tokens (token_mask False) get zero output from the whole layer.
 """
 
+import functools
 import math
 
 import jax
@@ -25,12 +29,17 @@ import pallas_kernels
 from sdlm_jax.model import routing
 from sdlm_jax.model.layers import ACT_BLD, dtype_of, param
 from sdlm_jax.model.mlp import SwiGLU
+from sdlm_jax.parallel import expert as expert_parallel
 from sdlm_jax.parallel.sharding import constrain, logical_to_spec
 
 ROUTERS = ("expert_choice", "token_choice")
 EC_GROUPS = ("sequence", "batch")
-_ACT_GECD = ("activation_batch", "activation_expert", "activation_capacity", "activation_embed")
-_ACT_GECF = ("activation_batch", "activation_expert", "activation_capacity", "activation_mlp")
+# Expert buffers: E over the expert axis, G over the remaining batch axes (parallel/expert.py).
+_ACT_GECD = ("activation_batch_no_expert", "activation_expert", "activation_capacity", "activation_embed")
+_ACT_GECF = ("activation_batch_no_expert", "activation_expert", "activation_capacity", "activation_mlp")
+_ACT_ND = ("activation_batch", "activation_embed")
+_EXPERT_WEIGHTS = {"w_gate": ("expert", "embed", "expert_mlp"), "w_up": ("expert", "embed", "expert_mlp"),
+                   "w_down": ("expert", "expert_mlp", "embed")}
 
 
 def batch_shards() -> int:
@@ -71,9 +80,9 @@ class MoE(nnx.Module):
     d, e, f = cfg.d_model, moe.num_experts, moe.expert_mlp_dim
     # Router columns stay replicated: every token needs all E logits (TC top-k, EC gates).
     self.router = param(rngs, (d, e), ("embed", None), cfg.init_std, pd)
-    self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), cfg.init_std, pd)
-    self.w_up = param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), cfg.init_std, pd)
-    self.w_down = param(rngs, (e, f, d), ("expert", "expert_mlp", "embed"), cfg.init_std, pd)
+    self.w_gate = param(rngs, (e, d, f), _EXPERT_WEIGHTS["w_gate"], cfg.init_std, pd)
+    self.w_up = param(rngs, (e, d, f), _EXPERT_WEIGHTS["w_up"], cfg.init_std, pd)
+    self.w_down = param(rngs, (e, f, d), _EXPERT_WEIGHTS["w_down"], cfg.init_std, pd)
     # n shared experts of width F are one SwiGLU of width n*F (same function, one matmul).
     self.shared = SwiGLU(d, moe.num_shared_experts * f, cfg, rngs=rngs) if moe.num_shared_experts else None
 
@@ -113,7 +122,7 @@ class MoE(nnx.Module):
     token_idx_GxExC, gates_GxExC, picked_GxNxE = routing.expert_choice(
         logits_GxNxE, mask_GxN, moe.top_k, moe.router_activation, backend=moe.backend)
     xe_GxExCxD = pallas_kernels.ec_dispatch(x_GxNxD, token_idx_GxExC, backend=moe.backend)
-    ye_GxExCxD = self._experts(xe_GxExCxD)
+    ye_GxExCxD = expert_parallel.from_experts(self._experts(expert_parallel.to_experts(xe_GxExCxD)))
     y_GxNxD = pallas_kernels.ec_combine(ye_GxExCxD, token_idx_GxExC, gates_GxExC.astype(ye_GxExCxD.dtype),
                                         tokens, backend=moe.backend)
     balance = routing.token_wise_balance_loss(logits_GxNxE, picked_GxNxE, mask_GxN, moe.top_k)
@@ -124,23 +133,84 @@ class MoE(nnx.Module):
   def _token_choice(self, x_BxLxD, logits_BxLxE, token_mask_BxL):
     moe = self.moe
     batch, length, d = x_BxLxD.shape
-    num_experts, k, dt = moe.num_experts, moe.top_k, self.dtype
-    x_NxD = constrain(x_BxLxD.reshape(batch * length, d).astype(dt), ("activation_batch", "activation_embed"))
+    num_experts, k = moe.num_experts, moe.top_k
+    x_NxD = constrain(x_BxLxD.reshape(batch * length, d).astype(self.dtype), _ACT_ND)
     mask_N = token_mask_BxL.reshape(-1)
     expert_idx_NxK, gates_NxK, probs_NxE = routing.token_choice_topk(
         logits_BxLxE.reshape(batch * length, -1), mask_N, k, moe.router_activation)
-    # Pair m = (token m // k, its (m % k)-th expert); sort the pairs by expert for the grouped matmuls.
-    expert_M = expert_idx_NxK.reshape(-1)
-    order_M = jnp.argsort(expert_M, stable=True)
-    unsort_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype))
-    group_sizes_E = jnp.bincount(expert_M, length=num_experts).astype(jnp.int32)
-    gmm = lambda lhs, w: pallas_kernels.gmm(lhs, w[...].astype(dt), group_sizes_E, backend=moe.backend)
-    rows_MxD = jnp.take(x_NxD, order_M // k, axis=0)
-    h_MxF = jax.nn.silu(gmm(rows_MxD, self.w_gate)) * gmm(rows_MxD, self.w_up)
-    y_MxD = jnp.take(gmm(h_MxF, self.w_down), unsort_M, axis=0)
-    y_NxD = jnp.einsum("nkd,nk->nd", y_MxD.reshape(-1, k, d), gates_NxK.astype(dt))
-    y_NxD = constrain(y_NxD, ("activation_batch", "activation_embed"))
+    weights = [getattr(self, name)[...].astype(self.dtype) for name in _EXPERT_WEIGHTS]
+    y_NxD = self._token_choice_ffn(x_NxD, expert_idx_NxK, gates_NxK.astype(self.dtype), *weights)
+    y_NxD = constrain(y_NxD, _ACT_ND)
     balance = routing.switch_aux_loss(probs_NxE, expert_idx_NxK, mask_N)
+    expert_M = expert_idx_NxK.reshape(-1)
     slots_E = jnp.bincount(expert_M, weights=jnp.repeat(mask_N, k).astype(jnp.float32), length=num_experts)
     stats = routing.routing_stats(jnp.where(mask_N, k, 0), slots_E, mask_N)
     return y_NxD.reshape(batch, length, d), balance, stats
+
+  def _token_choice_ffn(self, x_NxD, expert_idx_NxK, gates_NxK, w_gate, w_up, w_down):
+    """Routed SwiGLU of token choice; under a mesh, one shard_map over every mesh axis.
+
+    Inside it each device sorts its own (token, expert) pairs by expert, gathers the FSDP
+    shards of the expert weights, sends every pair to the device holding its expert
+    (parallel/expert.exchange), runs the grouped matmuls on its local experts (the Pallas
+    kernels on TPU need the manual partitioning), sums tensor-parallel partials over the
+    expert_mlp axis, and sends the results back.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not core_spmd.get_logical_axis_rules():
+      return self._token_choice_local(x_NxD, expert_idx_NxK, gates_NxK, w_gate, w_up, w_down, axes=None)
+    specs = {name: logical_to_spec(axes) for name, axes in _EXPERT_WEIGHTS.items()}
+    axes = {"expert": _mesh_axes(specs["w_gate"][0], mesh), "embed": _mesh_axes(specs["w_gate"][1], mesh),
+            "mlp": _mesh_axes(specs["w_gate"][2], mesh)}
+    rows, batch_spec = logical_to_spec(_ACT_ND), logical_to_spec(("activation_batch", None))
+    body = functools.partial(self._token_choice_local, axes=axes)
+    return jax.shard_map(body, in_specs=(rows, batch_spec, batch_spec, specs["w_gate"], specs["w_up"],
+                                         specs["w_down"]), out_specs=rows, check_vma=False)(
+        x_NxD, expert_idx_NxK, gates_NxK, w_gate, w_up, w_down)
+
+  def _token_choice_local(self, x_NxD, expert_idx_NxK, gates_NxK, w_gate, w_up, w_down, *, axes):
+    """One device's part of _token_choice_ffn (`axes` None: no mesh, everything is local)."""
+    moe = self.moe
+    k, d = moe.top_k, x_NxD.shape[1]
+    if axes and axes["embed"]:  # FSDP: gather the weights' embed shards
+      w_gate, w_up = (jax.lax.all_gather(w, axes["embed"], axis=1, tiled=True) for w in (w_gate, w_up))
+      w_down = jax.lax.all_gather(w_down, axes["embed"], axis=2, tiled=True)
+    num_local = w_gate.shape[0]
+    ep = moe.num_experts // num_local
+
+    def ffn(rows_MxD, group_sizes):
+      gmm = lambda lhs, w: pallas_kernels.gmm(lhs, w, group_sizes, backend=moe.backend)
+      return gmm(jax.nn.silu(gmm(rows_MxD, w_gate)) * gmm(rows_MxD, w_up), w_down)
+
+    # Pair m = (token m // k, its (m % k)-th expert); sort the pairs by expert for the grouped matmuls.
+    expert_M = expert_idx_NxK.reshape(-1)
+    order_M = jnp.argsort(expert_M, stable=True)
+    sorted_expert_M = expert_M[order_M]
+    rows_MxD = jnp.take(x_NxD, order_M // k, axis=0)
+    if ep == 1:
+      out_MxD = ffn(rows_MxD, jnp.bincount(sorted_expert_M, length=num_local).astype(jnp.int32))
+    else:
+      dest_M = sorted_expert_M // num_local
+      (recv_RxD, recv_expert_R), valid_R, send_back = expert_parallel.exchange(
+          [rows_MxD, sorted_expert_M - dest_M * num_local], dest_M, axes["expert"], ep,
+          expert_parallel.default_exchange())
+      local_R = jnp.where(valid_R, recv_expert_R, num_local)  # padding sorts last, in no group
+      order_R = jnp.argsort(local_R, stable=True)
+      sizes = jnp.bincount(local_R, length=num_local + 1)[:num_local].astype(jnp.int32)
+      out_RxD = ffn(jnp.take(recv_RxD, order_R, axis=0), sizes)
+      out_MxD = send_back(jnp.take(out_RxD, _inverse(order_R), axis=0))
+    if axes and axes["mlp"]:  # tensor parallelism: each device summed over its expert_mlp shard
+      out_MxD = jax.lax.psum(out_MxD, axes["mlp"])
+    y_MxD = jnp.take(out_MxD, _inverse(order_M), axis=0)
+    return jnp.einsum("nkd,nk->nd", y_MxD.reshape(-1, k, d), gates_NxK.astype(y_MxD.dtype))
+
+
+def _inverse(order_M):
+  """The inverse permutation of order_M."""
+  return jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype))
+
+
+def _mesh_axes(entry, mesh) -> tuple[str, ...]:
+  """A PartitionSpec entry as a tuple of the mesh axes it names that have size > 1."""
+  names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+  return tuple(a for a in names if mesh.shape[a] > 1)

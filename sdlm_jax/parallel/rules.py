@@ -5,12 +5,15 @@ Every parameter and key activation in the model is annotated with logical axis n
 selected by name with `get_rules(name)`.
 
 Parameter axes:  vocab, embed, heads, kv_heads, head_dim, mlp, expert, expert_mlp, norm, layers
-Activation axes: activation_batch, activation_length, activation_embed, activation_heads,
+Activation axes: activation_batch, activation_batch_no_expert, activation_length, activation_embed, activation_heads,
                  activation_kv_heads, activation_mlp, activation_vocab, activation_expert,
                  activation_capacity
 """
 
 MESH_AXES = ("data", "fsdp", "expert", "model")
+# The batch is split over these (outside the expert FFNs the expert axis is more data
+# parallelism; tokens reach their experts' devices by all-to-all, sdlm_jax/parallel/expert.py).
+BATCH_MESH_AXES = ("data", "fsdp", "expert")
 
 _PARAM_RULES = (
     ("vocab", "model"),
@@ -26,7 +29,8 @@ _PARAM_RULES = (
 )
 
 _ACTIVATION_RULES = (
-    ("activation_batch", ("data", "fsdp")),
+    ("activation_batch", BATCH_MESH_AXES),
+    ("activation_batch_no_expert", ("data", "fsdp")),  # batch of expert-sharded buffers
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_heads", "model"),

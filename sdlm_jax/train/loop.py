@@ -21,7 +21,7 @@ from sdlm_jax import config as config_lib
 from sdlm_jax import workdir as workdir_lib
 from sdlm_jax.data import pipeline
 from sdlm_jax.parallel.mesh import make_mesh, num_slices_of
-from sdlm_jax.parallel.rules import get_rules
+from sdlm_jax.parallel.rules import BATCH_MESH_AXES, get_rules
 from sdlm_jax.train import evaluate
 from sdlm_jax.train import state as state_lib
 from sdlm_jax.train.checkpoint import Checkpointer, agreed_latest_step, gather_process_states, own_process_state
@@ -29,7 +29,6 @@ from sdlm_jax.train.metrics import MetricsWriter, first_nonfinite, summarize
 from sdlm_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from sdlm_jax.train.step import make_train_step
 
-BATCH_AXES = ("data", "fsdp")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,7 +37,7 @@ class NonFiniteLossError(RuntimeError):
 
 def global_batch(local_batch: dict, mesh) -> dict:
   """Assembles each process's slice of the batch into one array sharded over the batch axes."""
-  sharding = NamedSharding(mesh, P(BATCH_AXES))
+  sharding = NamedSharding(mesh, P(BATCH_MESH_AXES))
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
 
 

@@ -8,7 +8,9 @@ never exists whole on one host or device. `abstract_state` returns the same desc
 """
 
 import jax
+import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sdlm_jax.model.transformer import Transformer
 from sdlm_jax.parallel.rules import get_rules
@@ -46,16 +48,25 @@ def init_model(cfg, mesh) -> nnx.Module:
   return nnx.merge(graphdef, *state)
 
 
+def opt_state_shardings(optimizer, params, mesh):
+  """Each optimizer moment sharded like its param; scalars (the step count) replicated.
+
+  Spelled out because jit would otherwise be free to replicate them: zeros do not depend on
+  the params, so nothing propagates their layout.
+  """
+  abstract = jax.eval_shape(optimizer.init, params)
+  replicated = NamedSharding(mesh, P())
+  return optax.tree_map_params(optimizer, lambda _, param: param.sharding, abstract, params,
+                               transform_non_params=lambda _: replicated)
+
+
 def init_opt_state(optimizer, params, mesh):
-  """optimizer.init(params) on device; every moment takes its param's sharding (via jit)."""
+  """optimizer.init(params) on device, laid out by opt_state_shardings."""
   with jax.set_mesh(mesh):
-    return jax.jit(optimizer.init)(params)
+    return jax.jit(optimizer.init, out_shardings=opt_state_shardings(optimizer, params, mesh))(params)
 
 
 def abstract_opt_state(optimizer, params, mesh):
   """ShapeDtypeStructs (with shardings) of optimizer.init(params) for abstract `params`."""
-  with jax.set_mesh(mesh):
-    compiled = jax.jit(optimizer.init).lower(params).compile()
-  shapes = jax.eval_shape(optimizer.init, params)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      shapes, compiled.output_shardings)
+  attach = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  return jax.tree.map(attach, jax.eval_shape(optimizer.init, params), opt_state_shardings(optimizer, params, mesh))

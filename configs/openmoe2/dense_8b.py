@@ -1,0 +1,22 @@
+"""OpenMoE 2's 8B dense diffusion LM (the parameter match of the 8B-total EC MoE).
+
+32 layers, d 4096, 32 heads x 128, SwiGLU 14336, vocab 50289, untied: 8.19B parameters.
+The seeds give no shape for it; this is the common 8B shape (as Llama 3 8B without GQA).
+Training setup in configs/openmoe2/common.py.
+
+  sdlm-aot --config configs/openmoe2/dense_8b.py --topology v5p-128
+"""
+
+from configs.openmoe2 import common
+
+
+def get_config(arg: str = ""):
+  c = common.dense_1b7()
+  m = c.model
+  m.num_layers = 32
+  m.d_model = 4096
+  m.num_heads = 32
+  m.num_kv_heads = 32
+  m.head_dim = 128
+  m.mlp_dim = 14336
+  return common.finish(c, arg)

@@ -7,7 +7,7 @@ matmuls run in `dtype`, logits come back in float32.
 Layers come in at most two stacks: the first `moe.first_k_dense` layers with a dense FFN,
 then the MoE layers (all layers are dense without experts). With `scan_layers` each stack
 holds its blocks' params stacked on a leading `layers` axis and runs them under one
-`nnx.scan`, so compile time does not grow with depth; otherwise the blocks are unrolled.
+`lax.scan`, so compile time does not grow with depth; otherwise the blocks are unrolled.
 Either way each block is rematerialised by `remat` (see REMAT_POLICIES).
 """
 
@@ -67,11 +67,18 @@ class Block(nnx.Module):
 
 
 def _run_block(remat: str):
-  """block(x, ...) with the config's rematerialisation policy applied."""
+  """run(graphdef, block_state, x, ...): the block applied, rematerialised by `remat`'s policy.
+
+  Pure JAX (merge inside, jax.checkpoint / lax.scan outside) so that a stack can run under any
+  outer transform, e.g. the ELBO's lax.scan over t samples or a sampler's while loop.
+  """
   if remat not in REMAT_POLICIES:
     raise ValueError(f"model.remat={remat!r}; allowed values: {', '.join(REMAT_POLICIES)}")
-  call = lambda block, *args: block(*args)
-  return call if remat == "none" else nnx.remat(call, policy=REMAT_POLICIES[remat])
+
+  def run(graphdef, block_state, *args):
+    return nnx.merge(graphdef, block_state)(*args)
+
+  return run if remat == "none" else jax.checkpoint(run, policy=REMAT_POLICIES[remat], static_argnums=(0,))
 
 
 class LayerStack(nnx.Module):
@@ -93,14 +100,12 @@ class LayerStack(nnx.Module):
     """Returns (x_BxLxD, per-layer (losses, stats) stacked on a leading axis; None if dense)."""
     run = _run_block(self.remat)
     if self.scan:
-      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
-                transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def body(x, block):
-        return run(block, x, segment_ids_BxL, positions_BxL, token_mask_BxL)
-      return body(x_BxLxD, self.blocks)
+      graphdef, state = nnx.split(self.blocks)
+      body = lambda x, block_state: run(graphdef, block_state, x, segment_ids_BxL, positions_BxL, token_mask_BxL)
+      return jax.lax.scan(body, x_BxLxD, state)
     outs = []
     for block in self.blocks:
-      x_BxLxD, out = run(block, x_BxLxD, segment_ids_BxL, positions_BxL, token_mask_BxL)
+      x_BxLxD, out = run(*nnx.split(block), x_BxLxD, segment_ids_BxL, positions_BxL, token_mask_BxL)
       outs.append(out)
     return x_BxLxD, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 

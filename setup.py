@@ -38,6 +38,7 @@ setup(
             "sdlm-train=sdlm_jax.cli.train:run",
             "sdlm-generate=sdlm_jax.cli.generate:run",
             "sdlm-eval=sdlm_jax.cli.evaluate:run",
+            "sdlm-aot=sdlm_jax.cli.aot:run",
         ]
     },
 )

@@ -13,6 +13,7 @@ it). Needs libtpu (`pip install -e ".[tpu]"`); each row compiles the full scanne
 
 import argparse
 import importlib
+import math
 import os
 import time
 
@@ -49,7 +50,7 @@ def main():
   for slice_name in args.slices.split(","):
     tpu_slice = aot.parse_slice(slice_name)
     devices = aot.slice_devices(tpu_slice)
-    baseline_seconds = None
+    baseline_seconds = float("nan")
     for name in args.configs.split(","):
       cfg = importlib.import_module(f"configs.openmoe2.{name}").get_config()
       for assignment in args.override:
@@ -64,9 +65,10 @@ def main():
           name, slice_name, f"{r['params_total'] / 1e9:.2f}B ({r['params_active'] / 1e9:.2f}B)",
           f"{cfg.train.batch_size}x{cfg.data.seq_len}",
           f"{mem:.1f} / {r['hbm_capacity'] / 2**30:.0f} GiB{'' if r['fits'] else ' (no fit)'}",
-          f"{r['compiled_flops_per_chip'] / r['analytic_flops_per_chip']:.2f}", f"{r['step_seconds']:.3f} s",
-          f"{100 * r['mfu']:.1f}%", f"{r['tokens_per_sec_per_chip']:,.0f}",
-          f"{r['step_seconds'] / baseline_seconds:.2f}x" if baseline_seconds else "-"))
+          f"{r['compiled_flops_per_chip'] / r['analytic_flops_per_chip']:.2f}",
+          *((f"{r['step_seconds']:.3f} s", f"{100 * r['mfu']:.1f}%", f"{r['tokens_per_sec_per_chip']:,.0f}")
+            if math.isfinite(r["step_seconds"]) else ("n/a",) * 3),
+          f"{r['step_seconds'] / baseline_seconds:.2f}x" if math.isfinite(r["step_seconds"] / baseline_seconds) else "-"))
   print("| " + " | ".join(header) + " |")
   print("|" + "|".join("---" for _ in header) + "|")
   for row in rows:

@@ -251,7 +251,8 @@ def format_report(report: dict) -> str:
         f"{report['analytic_flops_per_chip'] / 1e12:.2f} T (ratio "
         f"{report['compiled_flops_per_chip'] / report['analytic_flops_per_chip']:.3f})",
         f"estimated step {report['step_seconds']:.3f} s (XLA cost model, per chip): MFU {100 * report['mfu']:.1f}%, "
-        f"{report['tokens_per_sec_per_chip']:,.0f} tokens/s/chip",
+        f"{report['tokens_per_sec_per_chip']:,.0f} tokens/s/chip" if math.isfinite(report["step_seconds"]) else
+        "estimated step: not available (XLA's cost model returned a negative time for this chip)",
     ]
   lines.append("collectives: " + (", ".join(f"{name} x{n} ({_gib(b)})" for name, (n, b) in
                                             sorted(report["collectives"].items())) or "none"))

@@ -1,0 +1,92 @@
+"""Where the expert-choice MoE layer's time goes on a TPU chip (XLA cost model, compiled on CPU).
+
+One v5p chip's share of the ec_8b1b7a seed config (4 x 2048 tokens, d_model 2048, 64
+experts x 640, top_k 8, one shared expert), forward + backward of each part alone, against
+the dense 1.7B model's SwiGLU FFN (6144). Needs libtpu (`pip install -e ".[tpu]"`).
+
+  python benchmarks/ec_layer_cost.py
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs.openmoe2 import ec_8b1b7a  # noqa: E402
+from pallas_kernels import aot, reference, target  # noqa: E402
+from sdlm_jax.aot import ESTIMATE_OPTIONS  # noqa: E402
+from sdlm_jax.model import routing  # noqa: E402
+from sdlm_jax.model.mlp import SwiGLU  # noqa: E402
+from sdlm_jax.model.moe import MoE  # noqa: E402
+
+TOPOLOGY = "v5p:2x2x1"  # every array replicated: the cost is one chip's
+BATCH, LENGTH = 4, 2048
+CFG = ec_8b1b7a.get_config().model
+D, E, F, K = CFG.d_model, CFG.moe.num_experts, CFG.moe.expert_mlp_dim, CFG.moe.top_k
+N = BATCH * LENGTH
+C = N * K // E
+
+
+def _spec(shape, dtype=jnp.bfloat16):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _cost(fn, *specs):
+  sharding = aot.replicated(TOPOLOGY)
+  specs = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), list(specs))
+  with target.compile_for("tpu", "v5p"):
+    compiled = jax.jit(fn).lower(*specs).compile(compiler_options=ESTIMATE_OPTIONS)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["optimal_seconds"]), float(cost["flops"]), float(cost.get("bytes accessed", 0.0))
+
+
+def _module_grad(make, call):
+  graphdef, state = nnx.split(make())
+  state = jax.tree.map(lambda a: _spec(a.shape, a.dtype), state)
+  loss = lambda s, x: jnp.sum(call(nnx.merge(graphdef, s), x).astype(jnp.float32))
+  return jax.grad(loss, argnums=(0, 1)), state, _spec((BATCH, LENGTH, D))
+
+
+def _experts(w_gate, w_up, w_down, xe_GxExCxD):
+  h = jax.nn.silu(jnp.einsum("gecd,edf->gecf", xe_GxExCxD, w_gate)) * jnp.einsum("gecd,edf->gecf", xe_GxExCxD, w_up)
+  return jnp.einsum("gecf,efd->gecd", h, w_down)
+
+
+def _router(x_BxLxD, router_DxE):
+  logits = jnp.einsum("bld,de->ble", x_BxLxD.astype(jnp.float32), router_DxE).reshape(1, N, E)
+  return jnp.sum(routing.expert_choice(logits, jnp.ones((1, N), bool), K, "softmax")[1])
+
+
+def main():
+  idx, gates = _spec((1, E, C), jnp.int32), _spec((1, E, C))
+  weights = [_spec((E, D, F)), _spec((E, D, F)), _spec((E, F, D))]
+  parts = [
+      ("dense SwiGLU FFN 6144 (1.7B dense)",
+       *_module_grad(lambda: SwiGLU(D, CFG.mlp_dim, CFG, rngs=nnx.Rngs(0)), lambda m, x: m(x))),
+      ("EC MoE layer (whole)",
+       *_module_grad(lambda: MoE(CFG, rngs=nnx.Rngs(0)), lambda m, x: m(x, jnp.ones((BATCH, LENGTH), bool))[0])),
+      ("  expert matmuls", jax.grad(lambda *a: jnp.sum(_experts(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3)),
+       *weights, _spec((1, E, C, D))),
+      ("  shared expert (SwiGLU 640)",
+       *_module_grad(lambda: SwiGLU(D, F, CFG, rngs=nnx.Rngs(0)), lambda m, x: m(x))),
+      ("  router (logits, top-C, gates)", jax.grad(_router, argnums=(0, 1)),
+       _spec((BATCH, LENGTH, D)), _spec((D, E), jnp.float32)),
+      ("  dispatch (gather)", jax.grad(lambda x, i: jnp.sum(reference.ec_dispatch(x, i).astype(jnp.float32) ** 2)),
+       _spec((1, N, D)), idx),
+      ("  combine (scatter-add)",
+       jax.grad(lambda y, i, w: jnp.sum(reference.ec_combine(y, i, w, N).astype(jnp.float32) ** 2), argnums=(0, 2)),
+       _spec((1, E, C, D)), idx, gates),
+  ]
+  print(f"{'part (forward + backward)':38s} {'est. ms':>8s} {'GFLOP':>8s} {'GB moved':>9s}")
+  for name, fn, *specs in parts:
+    seconds, flops, moved = _cost(fn, *specs)
+    print(f"{name:38s} {seconds * 1e3:8.3f} {flops / 1e9:8.1f} {moved / 1e9:9.2f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -17,13 +17,13 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs.openmoe2 import ec_8b1b7a  # noqa: E402
-from pallas_kernels import aot, reference, target  # noqa: E402
+from pallas_kernels import aot, reference  # noqa: E402
 from sdlm_jax.aot import ESTIMATE_OPTIONS  # noqa: E402
 from sdlm_jax.model import routing  # noqa: E402
 from sdlm_jax.model.mlp import SwiGLU  # noqa: E402
 from sdlm_jax.model.moe import MoE  # noqa: E402
 
-TOPOLOGY = "v5p:2x2x1"  # every array replicated: the cost is one chip's
+TOPOLOGY = "v5p:2x2x1"  # compiled for one chip of it
 BATCH, LENGTH = 4, 2048
 CFG = ec_8b1b7a.get_config().model
 D, E, F, K = CFG.d_model, CFG.moe.num_experts, CFG.moe.expert_mlp_dim, CFG.moe.top_k
@@ -36,12 +36,7 @@ def _spec(shape, dtype=jnp.bfloat16):
 
 
 def _cost(fn, *specs):
-  sharding = aot.replicated(TOPOLOGY)
-  specs = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), list(specs))
-  with target.compile_for("tpu", "v5p"):
-    compiled = jax.jit(fn).lower(*specs).compile(compiler_options=ESTIMATE_OPTIONS)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = aot.cost_analysis(aot.compile_on(TOPOLOGY, fn, *specs, compiler_options=ESTIMATE_OPTIONS))
   return float(cost["optimal_seconds"]), float(cost["flops"]), float(cost.get("bytes accessed", 0.0))
 
 

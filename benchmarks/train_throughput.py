@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import demo  # noqa: E402
+from pallas_kernels.aot import cost_analysis  # noqa: E402
 from sdlm_jax.parallel.mesh import make_mesh  # noqa: E402
 from sdlm_jax.scaling.flops import flops_per_token  # noqa: E402
 from sdlm_jax.train.loop import global_batch  # noqa: E402
@@ -51,8 +52,7 @@ def build(variant, batch_size):
   }, mesh)
   with jax.set_mesh(mesh):
     compiled = step_fn.lower(params, opt_state, batch, jnp.int32(0)).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = cost_analysis(compiled)
   analytic = flops_per_token(cfg.model, cfg.data.seq_len, training=True) * batch_size * cfg.data.seq_len
   return dict(cfg=cfg, mesh=mesh, step=step_fn, params=params, opt_state=opt_state, batch=batch,
               compiled_flops=float(cost["flops"]), analytic_flops=analytic, times=[])

@@ -30,7 +30,7 @@ def replicated(topology: str) -> NamedSharding:
   return NamedSharding(Mesh(np.array(desc.devices[:1]), ("x",)), P())
 
 
-def compile_on(topology: str, fn, *shapes):
+def compile_on(topology: str, fn, *shapes, compiler_options=None):
   """Compiles fn for one chip of `topology`; shapes are (shape, dtype) pairs or pytrees of
   ShapeDtypeStruct. The kernels' backends and tiles are chosen for that chip."""
   sharding = replicated(topology)
@@ -41,7 +41,7 @@ def compile_on(topology: str, fn, *shapes):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), x)
 
   with target.compile_for("tpu", chip_of(topology)):
-    return jax.jit(fn).lower(*[spec(s) for s in shapes]).compile()
+    return jax.jit(fn).lower(*[spec(s) for s in shapes]).compile(compiler_options=compiler_options)
 
 
 def kernel_vmem(compiled) -> dict[str, tuple[int, int, int]]:
@@ -65,11 +65,15 @@ def hbm_bytes(compiled) -> int:
   return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
 
 
+def cost_analysis(compiled) -> dict:
+  """XLA's cost analysis of the compiled program (flops, bytes accessed, optimal_seconds)."""
+  cost = compiled.cost_analysis()
+  return cost[0] if isinstance(cost, (list, tuple)) else cost
+
+
 def estimated_seconds(compiled) -> float:
   """XLA's cost-model estimate (per chip). Pallas kernels count only through their declared
   CostEstimate; the TPU cost model returns a negative figure for some programs (seen when
   its memory-space assignment prefetches kernel operands into VMEM), reported as NaN."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  seconds = float(cost.get("optimal_seconds", float("nan")))
+  seconds = float(cost_analysis(compiled).get("optimal_seconds", float("nan")))
   return seconds if seconds >= 0 else float("nan")

@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pallas_kernels import target
+from pallas_kernels.aot import cost_analysis as cost
 from sdlm_jax import config as config_lib
 from sdlm_jax.data.tokenizer import MASK_ID
 from sdlm_jax.model.transformer import layer_stacks
@@ -134,11 +135,6 @@ def hbm(compiled) -> dict:
   outputs = mem.output_size_in_bytes - mem.alias_size_in_bytes
   return {"arguments": mem.argument_size_in_bytes, "outputs": outputs, "temporaries": mem.temp_size_in_bytes,
           "total": mem.argument_size_in_bytes + outputs + mem.temp_size_in_bytes}
-
-
-def cost(compiled) -> dict:
-  out = compiled.cost_analysis()
-  return out[0] if isinstance(out, (list, tuple)) else out
 
 
 def collectives(compiled) -> dict[str, tuple[int, int]]:

@@ -47,9 +47,9 @@ def _module_grad(make, call):
   return jax.grad(loss, argnums=(0, 1)), state, _spec((BATCH, LENGTH, D))
 
 
-def _experts(w_gate, w_up, w_down, xe_GxExCxD):
+def _experts(w_gate, w_up, w_down, xe_GxExCxD, gates_GxExC):
   h = jax.nn.silu(jnp.einsum("gecd,edf->gecf", xe_GxExCxD, w_gate)) * jnp.einsum("gecd,edf->gecf", xe_GxExCxD, w_up)
-  return jnp.einsum("gecf,efd->gecd", h, w_down)
+  return jnp.einsum("gecf,efd->gecd", h * gates_GxExC[..., None].astype(h.dtype), w_down)
 
 
 def _router(x_BxLxD, router_DxE):
@@ -65,8 +65,9 @@ def main():
        *_module_grad(lambda: SwiGLU(D, CFG.mlp_dim, CFG, rngs=nnx.Rngs(0)), lambda m, x: m(x))),
       ("EC MoE layer (whole)",
        *_module_grad(lambda: MoE(CFG, rngs=nnx.Rngs(0)), lambda m, x: m(x, jnp.ones((BATCH, LENGTH), bool))[0])),
-      ("  expert matmuls", jax.grad(lambda *a: jnp.sum(_experts(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3)),
-       *weights, _spec((1, E, C, D))),
+      ("  expert matmuls (gated)",
+       jax.grad(lambda *a: jnp.sum(_experts(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4)),
+       *weights, _spec((1, E, C, D)), gates),
       ("  shared expert (SwiGLU 640)",
        *_module_grad(lambda: SwiGLU(D, F, CFG, rngs=nnx.Rngs(0)), lambda m, x: m(x))),
       ("  router (logits, top-C, gates)", jax.grad(_router, argnums=(0, 1)),
@@ -74,13 +75,15 @@ def main():
       ("  dispatch (gather)", jax.grad(lambda x, i: jnp.sum(reference.ec_dispatch(x, i).astype(jnp.float32) ** 2)),
        _spec((1, N, D)), idx),
       ("  combine (scatter-add)",
-       jax.grad(lambda y, i, w: jnp.sum(reference.ec_combine(y, i, w, N).astype(jnp.float32) ** 2), argnums=(0, 2)),
-       _spec((1, E, C, D)), idx, gates),
+       jax.grad(lambda y, i: jnp.sum(reference.ec_combine(y, i, None, N).astype(jnp.float32) ** 2)),
+       _spec((1, E, C, D)), idx),
   ]
-  print(f"{'part (forward + backward)':38s} {'est. ms':>8s} {'GFLOP':>8s} {'GB moved':>9s}")
+  print(f"{'part (forward + backward)':38s} {'est. ms':>8s} {'GFLOP':>8s} {'GB moved':>9s} {'/ dense FFN':>11s}")
+  dense = None
   for name, fn, *specs in parts:
     seconds, flops, moved = _cost(fn, *specs)
-    print(f"{name:38s} {seconds * 1e3:8.3f} {flops / 1e9:8.1f} {moved / 1e9:9.2f}", flush=True)
+    dense = dense or seconds
+    print(f"{name:38s} {seconds * 1e3:8.3f} {flops / 1e9:8.1f} {moved / 1e9:9.2f} {seconds / dense:11.2f}", flush=True)
 
 
 if __name__ == "__main__":

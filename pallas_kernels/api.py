@@ -143,6 +143,7 @@ def ec_dispatch(x, token_idx, *, backend="auto"):
 
 
 def ec_combine(y, token_idx, weights, num_tokens, *, backend="auto"):
-  """Weighted scatter-add [G, E, C, D] -> [G, N, D] of expert outputs to their tokens; differentiable."""
+  """Scatter-add [G, E, C, D] -> [G, N, D] of expert outputs to their tokens, each weighted by
+  weights [G, E, C] (None: unweighted); differentiable."""
   _xla_only("ec_combine", backend)
   return reference.ec_combine(y, token_idx, weights, num_tokens)

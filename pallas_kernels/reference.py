@@ -10,6 +10,8 @@ demo's sizes, fwd+bwd). `lax.platform_dependent` picks the formulation when lowe
 traced program is right on every platform; autodiff goes through either.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -111,15 +113,71 @@ def expert_choice(logits_GxNxE, capacity):
   return token_idx_GxExC.astype(jnp.int32), scores_GxExC
 
 
+LANES = 128  # a TPU vreg's lane width: rows of a multiple of it move as whole [d/128, 128] tiles
+
+
+def _gather_tiles(x_NxD, idx_M):
+  """x[idx] for one group. A TPU gather of single rows into an (8, 128)-tiled [M, d] array
+  writes one sublane of a tile at a time; viewed as [N, d/128, 128], every row is whole tiles.
+  XLA's TPU cost model prices the forward at 0.49 ms instead of 1.10 (65536 rows of 2048, bf16)."""
+  n, d = x_NxD.shape
+  if d % LANES:
+    return x_NxD[idx_M]
+  return x_NxD.reshape(n, d // LANES, LANES)[idx_M].reshape(idx_M.shape[0], d)
+
+
+def _scatter_add(rows_MxD, idx_M, num_tokens):
+  return jnp.zeros((num_tokens, rows_MxD.shape[1]), rows_MxD.dtype).at[idx_M].add(rows_MxD)
+
+
+# The two ops are each other's transpose; custom VJPs make the backward pass use the tiled
+# gather too (autodiff of a scatter-add would emit the row gather).
+@jax.custom_vjp
+def _take_rows(x_NxD, idx_M):
+  return _gather_tiles(x_NxD, idx_M)
+
+
+def _take_rows_fwd(x_NxD, idx_M):
+  return _gather_tiles(x_NxD, idx_M), (idx_M, x_NxD.shape[0])
+
+
+def _take_rows_bwd(residuals, grad_MxD):
+  idx_M, num_tokens = residuals
+  return _scatter_add(grad_MxD, idx_M, num_tokens), None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _add_rows(rows_MxD, idx_M, num_tokens):
+  return _scatter_add(rows_MxD, idx_M, num_tokens)
+
+
+def _add_rows_fwd(rows_MxD, idx_M, num_tokens):
+  return _scatter_add(rows_MxD, idx_M, num_tokens), idx_M
+
+
+def _add_rows_bwd(num_tokens, idx_M, grad_NxD):
+  del num_tokens
+  return _gather_tiles(grad_NxD, idx_M), None
+
+
+_add_rows.defvjp(_add_rows_fwd, _add_rows_bwd)
+
+
 def ec_dispatch(x_GxNxD, token_idx_GxExC):
-  """Gathers each expert's chosen tokens: [G, E, C, D]."""
-  return jax.vmap(lambda x_NxD, idx_ExC: x_NxD[idx_ExC])(x_GxNxD, token_idx_GxExC)
+  """Gathers each expert's chosen tokens: [G, E, C, D]; the gradient scatter-adds."""
+  _, num_experts, capacity = token_idx_GxExC.shape
+  out_GxMxD = jax.vmap(_take_rows)(x_GxNxD, token_idx_GxExC.reshape(x_GxNxD.shape[0], -1))
+  return out_GxMxD.reshape(x_GxNxD.shape[0], num_experts, capacity, -1)
 
 
 def ec_combine(y_GxExCxD, token_idx_GxExC, weights_GxExC, num_tokens):
-  """Weighted scatter-add of expert outputs back to token positions: [G, N, D]."""
-  def one_group(y_ExCxD, idx_ExC, w_ExC):
-    contrib_ExCxD = y_ExCxD * w_ExC[..., None].astype(y_ExCxD.dtype)
-    out_NxD = jnp.zeros((num_tokens, y_ExCxD.shape[-1]), y_ExCxD.dtype)
-    return out_NxD.at[idx_ExC.reshape(-1)].add(contrib_ExCxD.reshape(-1, y_ExCxD.shape[-1]))
-  return jax.vmap(one_group)(y_GxExCxD, token_idx_GxExC, weights_GxExC)
+  """Scatter-add of expert outputs back to token positions, each weighted by weights_GxExC
+  (None: unweighted): [G, N, D]. The gradient gathers."""
+  groups, _, _, d = y_GxExCxD.shape
+  if weights_GxExC is not None:
+    y_GxExCxD = y_GxExCxD * weights_GxExC[..., None].astype(y_GxExCxD.dtype)
+  add = lambda rows_MxD, idx_M: _add_rows(rows_MxD, idx_M, num_tokens)
+  return jax.vmap(add)(y_GxExCxD.reshape(groups, -1, d), token_idx_GxExC.reshape(groups, -1))

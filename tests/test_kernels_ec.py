@@ -34,10 +34,11 @@ def test_expert_choice_is_top_k_per_expert_with_ties_to_the_lower_token(ties):
   np.testing.assert_array_equal(token_idx, order)
 
 
-def test_ec_dispatch_gathers_and_its_gradient_scatters():
+@pytest.mark.parametrize("d", [16, 256])  # 256: rows move as [2, 128] lane tiles
+def test_ec_dispatch_gathers_and_its_gradient_scatters(d):
   rng, logits, capacity = _routing(1)
   token_idx, _ = pk.expert_choice(logits, capacity)
-  x = jnp.asarray(rng.normal(size=(3, 40, 16)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(3, 40, d)), jnp.float32)
   out = pk.ec_dispatch(x, token_idx)
   idx = np.asarray(token_idx)
   want = np.stack([np.asarray(x)[g][idx[g]] for g in range(3)])
@@ -46,33 +47,47 @@ def test_ec_dispatch_gathers_and_its_gradient_scatters():
   d_x = jax.grad(lambda x_: jnp.sum(pk.ec_dispatch(x_, token_idx) * cot))(x)
   want_dx = np.zeros(x.shape, np.float64)
   for g in range(3):
-    np.add.at(want_dx[g], idx[g].reshape(-1), cot[g].reshape(-1, 16))
+    np.add.at(want_dx[g], idx[g].reshape(-1), cot[g].reshape(-1, d))
   np.testing.assert_allclose(d_x, want_dx, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
-def test_ec_combine_is_a_weighted_scatter_add_with_gradients(dtype, tol):
+@pytest.mark.parametrize("dtype,tol,d", [(jnp.float32, 1e-6, 16), (jnp.bfloat16, 1e-2, 16), (jnp.float32, 1e-6, 256)])
+def test_ec_combine_is_a_weighted_scatter_add_with_gradients(dtype, tol, d):
   rng, logits, capacity = _routing(2)
   token_idx, _ = pk.expert_choice(logits, capacity)
   idx = np.asarray(token_idx)
-  y = jnp.asarray(rng.normal(size=(3, 6, capacity, 16)), dtype)
+  y = jnp.asarray(rng.normal(size=(3, 6, capacity, d)), dtype)
   w = jnp.asarray(rng.uniform(size=(3, 6, capacity)), dtype)
   out = pk.ec_combine(y, token_idx, w, 40)
-  assert out.shape == (3, 40, 16) and out.dtype == dtype
+  assert out.shape == (3, 40, d) and out.dtype == dtype
   y64, w64 = np.asarray(y, np.float64), np.asarray(w, np.float64)
-  want = np.zeros((3, 40, 16))
+  want = np.zeros((3, 40, d))
   for g in range(3):
-    np.add.at(want[g], idx[g].reshape(-1), (y64[g] * w64[g][..., None]).reshape(-1, 16))
+    np.add.at(want[g], idx[g].reshape(-1), (y64[g] * w64[g][..., None]).reshape(-1, d))
   assert np.linalg.norm(np.asarray(out, np.float64) - want) <= tol * np.linalg.norm(want)
   unpicked = np.setdiff1d(np.arange(40), idx[0].reshape(-1))
   assert np.all(np.asarray(out)[0, unpicked] == 0)
-  cot = rng.normal(size=(3, 40, 16))
+  cot = rng.normal(size=(3, 40, d))
   d_y, d_w = jax.grad(lambda a, b: jnp.sum(pk.ec_combine(a, token_idx, b, 40).astype(jnp.float32) * cot),
                       argnums=(0, 1))(y, w)
   picked_cot = np.stack([cot[g][idx[g]] for g in range(3)])  # [G, E, C, D]
   want_dy, want_dw = picked_cot * w64[..., None], np.sum(picked_cot * y64, -1)
   assert np.linalg.norm(np.asarray(d_y, np.float64) - want_dy) <= tol * 2 * np.linalg.norm(want_dy)
   assert np.linalg.norm(np.asarray(d_w, np.float64) - want_dw) <= tol * 2 * np.linalg.norm(want_dw)
+
+
+def test_ec_combine_without_weights_sums_and_its_gradient_gathers():
+  rng, logits, capacity = _routing(4)
+  token_idx, _ = pk.expert_choice(logits, capacity)
+  idx = np.asarray(token_idx)
+  y = jnp.asarray(rng.normal(size=(3, 6, capacity, 128)), jnp.float32)
+  cot = rng.normal(size=(3, 40, 128)).astype(np.float32)
+  out, vjp = jax.vjp(lambda a: pk.ec_combine(a, token_idx, None, 40), y)
+  want = np.zeros((3, 40, 128))
+  for g in range(3):
+    np.add.at(want[g], idx[g].reshape(-1), np.asarray(y, np.float64)[g].reshape(-1, 128))
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(vjp(cot)[0], np.stack([cot[g][idx[g]] for g in range(3)]))
 
 
 def test_expert_choice_ops_are_xla_on_every_platform_and_say_so():

@@ -3,9 +3,11 @@
 Expert choice (EC): routing groups are sequences (G=B, N=L) or all tokens of one batch shard
 (`batch`: G = the batch's shard count on the active mesh, 1 without one, N = B*L/G), so
 selection never needs tokens from another device. Tokens are gathered into a dense
-[G, E, C, D] buffer (`ec_dispatch`), every expert runs one batched SwiGLU over its C tokens,
-and `ec_combine` scatter-adds the gated outputs back. The expert matmuls cover exactly
-E*C <= N*k (token, expert) pairs: there is no one-hot dispatch over the batch.
+[G, E, C, D] buffer (`ec_dispatch`), every expert runs one batched SwiGLU over its C tokens
+with each slot's gate applied to its hidden activations (width F, not D: the same product,
+as the down projection is linear), and `ec_combine` scatter-adds the outputs back. The expert
+matmuls cover exactly E*C <= N*k (token, expert) pairs: there is no one-hot dispatch over the
+batch.
 
 Token choice (TC): the N*k (token, expert) pairs are sorted by expert, their rows gathered and
 run through grouped matmuls (`pallas_kernels.gmm`), then unsorted and summed with their gates.
@@ -102,13 +104,14 @@ class MoE(nnx.Module):
     y_BxLxD = jnp.where(token_mask_BxL[..., None], y_BxLxD, 0).astype(x_BxLxD.dtype)
     return constrain(y_BxLxD, ACT_BLD), {"load_balance_loss": balance, "z_loss": z_loss}, stats
 
-  def _experts(self, xe_GxExCxD):
-    """Every expert's SwiGLU over its C dispatched tokens: three batched einsums."""
+  def _experts(self, xe_GxExCxD, gates_GxExC):
+    """Every expert's SwiGLU over its C dispatched tokens, scaled by their gates: three batched einsums."""
     dt = self.dtype
     xe_GxExCxD = constrain(xe_GxExCxD.astype(dt), _ACT_GECD)
     gate_GxExCxF = jnp.einsum("gecd,edf->gecf", xe_GxExCxD, self.w_gate[...].astype(dt))
     up_GxExCxF = jnp.einsum("gecd,edf->gecf", xe_GxExCxD, self.w_up[...].astype(dt))
-    h_GxExCxF = constrain(jax.nn.silu(gate_GxExCxF) * up_GxExCxF, _ACT_GECF)
+    h_GxExCxF = jax.nn.silu(gate_GxExCxF) * up_GxExCxF * gates_GxExC[..., None].astype(dt)
+    h_GxExCxF = constrain(h_GxExCxF, _ACT_GECF)
     return constrain(jnp.einsum("gecf,efd->gecd", h_GxExCxF, self.w_down[...].astype(dt)), _ACT_GECD)
 
   def _expert_choice(self, x_BxLxD, logits_BxLxE, token_mask_BxL):
@@ -122,9 +125,9 @@ class MoE(nnx.Module):
     token_idx_GxExC, gates_GxExC, picked_GxNxE = routing.expert_choice(
         logits_GxNxE, mask_GxN, moe.top_k, moe.router_activation, backend=moe.backend)
     xe_GxExCxD = pallas_kernels.ec_dispatch(x_GxNxD, token_idx_GxExC, backend=moe.backend)
-    ye_GxExCxD = expert_parallel.from_experts(self._experts(expert_parallel.to_experts(xe_GxExCxD)))
-    y_GxNxD = pallas_kernels.ec_combine(ye_GxExCxD, token_idx_GxExC, gates_GxExC.astype(ye_GxExCxD.dtype),
-                                        tokens, backend=moe.backend)
+    ye_GxExCxD = expert_parallel.from_experts(
+        self._experts(expert_parallel.to_experts(xe_GxExCxD), expert_parallel.to_experts(gates_GxExC)))
+    y_GxNxD = pallas_kernels.ec_combine(ye_GxExCxD, token_idx_GxExC, None, tokens, backend=moe.backend)
     balance = routing.token_wise_balance_loss(logits_GxNxE, picked_GxNxE, mask_GxN, moe.top_k)
     stats = routing.routing_stats(jnp.sum(picked_GxNxE, -1).reshape(-1), jnp.sum(picked_GxNxE, (0, 1)),
                                   mask_GxN.reshape(-1))

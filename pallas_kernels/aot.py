@@ -73,7 +73,8 @@ def cost_analysis(compiled) -> dict:
 
 def estimated_seconds(compiled) -> float:
   """XLA's cost-model estimate (per chip). Pallas kernels count only through their declared
-  CostEstimate; the TPU cost model returns a negative figure for some programs (seen when
-  its memory-space assignment prefetches kernel operands into VMEM), reported as NaN."""
+  CostEstimate; the TPU cost model returns a negative figure for some programs (each
+  SparseCore-offloaded scatter and each sliced VMEM prefetch counts -1 s; compile with
+  sdlm_jax.aot.ESTIMATE_OPTIONS to avoid both), reported as NaN."""
   seconds = float(cost_analysis(compiled).get("optimal_seconds", float("nan")))
   return seconds if seconds >= 0 else float("nan")

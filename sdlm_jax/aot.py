@@ -13,9 +13,9 @@ Two things about the cost model shape what is compiled. It counts a `scan` body 
 time is read off compiles with the layers unrolled (`model.scan_layers=False`, the same math)
 at one and two layers of each kind, extrapolated linearly to the full depth (an unrolled
 28-layer compile takes ~10 CPU minutes); the memory is the full scanned program's, which is
-what training runs. It returns a
-negative time for scatters it offloads to the SparseCore, so the estimate is compiled with
-that offload off (ESTIMATE_OPTIONS): the scatters are then priced on the TensorCore.
+what training runs. It prices two things at -1 s each, scatters offloaded to the SparseCore
+and sliced VMEM prefetches (v5e, v6e), so the timing compiles turn both off
+(ESTIMATE_OPTIONS): scatters are then priced on the TensorCore.
 """
 
 import dataclasses
@@ -39,7 +39,11 @@ from sdlm_jax.train import state as state_lib
 from sdlm_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from sdlm_jax.train.step import make_train_step
 
-ESTIMATE_OPTIONS = {"xla_tpu_enable_offloading_scatter_to_sparsecore": "false"}
+# Compiler options of the timing compiles. The TPU cost model prices a scatter offloaded to the
+# SparseCore, and each sliced prefetch into VMEM (v5e, v6e), at -1 s; without either the
+# program is the TensorCore-only one it can price (v5p: identical estimates, no slicing there).
+ESTIMATE_OPTIONS = {"xla_tpu_enable_offloading_scatter_to_sparsecore": "false",
+                    "xla_tpu_sliced_prefetch_max_slices": "0"}
 # Accelerator types count TensorCores on v4/v5p (2 per chip) and chips on v5e/v6e.
 _CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}

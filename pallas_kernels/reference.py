@@ -118,8 +118,8 @@ LANES = 128  # a TPU vreg's lane width: rows of a multiple of it move as whole [
 
 def _gather_tiles(x_NxD, idx_M):
   """x[idx] for one group. A TPU gather of single rows into an (8, 128)-tiled [M, d] array
-  writes one sublane of a tile at a time; viewed as [N, d/128, 128], every row is whole tiles.
-  XLA's TPU cost model prices the forward at 0.49 ms instead of 1.10 (65536 rows of 2048, bf16)."""
+  writes one sublane of a tile at a time; viewed as [N, d/128, 128], every row is whole tiles
+  (benchmarks/ec_layer_cost.py, v5p: dispatch fwd+bwd 1.35 -> 0.75 ms, combine 1.66 -> 0.55)."""
   n, d = x_NxD.shape
   if d % LANES:
     return x_NxD[idx_M]

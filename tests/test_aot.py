@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from configs.demo import get_config as demo_config
+from pallas_kernels import aot as kernel_aot
 from sdlm_jax import aot
 
 pytestmark = pytest.mark.tpu_aot
@@ -84,15 +87,10 @@ def _sdlm_aot(*args):
                         text=True, timeout=600, check=False)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("topology", ["v6e:2x2", "v5e:2x2", "v5p:2x2x1"])
 def test_estimate_options_give_attention_a_positive_time_on_every_chip(topology):
   """One sequence of softmax attention: on v5e/v6e libtpu slices the prefetch of its operands
   into VMEM, which its cost model prices at -1 s; ESTIMATE_OPTIONS turns the slicing off."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from pallas_kernels import aot as kernel_aot  # pylint: disable=import-outside-toplevel
-
   def attention(q, k, v):
     p = jax.nn.softmax(jnp.einsum("blhk,bmhk->bhlm", q, k).astype(jnp.float32), -1).astype(q.dtype)
     return jnp.einsum("bhlm,bmhk->blhk", p, v)
@@ -104,6 +102,7 @@ def test_estimate_options_give_attention_a_positive_time_on_every_chip(topology)
   assert flops / 1e15 < seconds < 0.05  # finite, positive, and not faster than a PFLOP/s
 
 
+@pytest.mark.slow
 def test_cli_reports_a_fitting_config_with_its_estimate():
   proc = _sdlm_aot(f"--config={REPO}/configs/demo.py:ec", "--topology=v5p-8", "--config.train.batch_size=32",
                    "--config.model.dtype=bfloat16")

@@ -2,7 +2,7 @@
 
 One v5p chip's share of the ec_8b1b7a seed config (4 x 2048 tokens, d_model 2048, 64
 experts x 640, top_k 8, one shared expert), forward + backward of each part alone, against
-the dense 1.7B model's SwiGLU FFN (6144). Needs libtpu (`pip install -e ".[tpu]"`).
+the dense 1.7B model's SwiGLU FFN (6144), then the whole dense and EC transformer blocks. Needs libtpu (`pip install -e ".[tpu]"`).
 
   python benchmarks/ec_layer_cost.py
 """
@@ -16,12 +16,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from configs.openmoe2 import ec_8b1b7a  # noqa: E402
+from configs.openmoe2 import dense_1b7, ec_8b1b7a  # noqa: E402
 from pallas_kernels import aot, reference  # noqa: E402
 from sdlm_jax.aot import ESTIMATE_OPTIONS  # noqa: E402
 from sdlm_jax.model import routing  # noqa: E402
 from sdlm_jax.model.mlp import SwiGLU  # noqa: E402
 from sdlm_jax.model.moe import MoE  # noqa: E402
+from sdlm_jax.model.transformer import Block  # noqa: E402
 
 TOPOLOGY = "v5p:2x2x1"  # compiled for one chip of it
 BATCH, LENGTH = 4, 2048
@@ -45,6 +46,18 @@ def _module_grad(make, call):
   state = jax.tree.map(lambda a: _spec(a.shape, a.dtype), state)
   loss = lambda s, x: jnp.sum(call(nnx.merge(graphdef, s), x).astype(jnp.float32))
   return jax.grad(loss, argnums=(0, 1)), state, _spec((BATCH, LENGTH, D))
+
+
+def _block_grad(cfg, is_moe: bool):
+  """A whole transformer block (attention + FFN or MoE) with segment ids, positions and mask."""
+  graphdef, state = nnx.split(Block(cfg, is_moe, rngs=nnx.Rngs(0)))
+  state = jax.tree.map(lambda a: _spec(a.shape, a.dtype), state)
+  ids = _spec((BATCH, LENGTH), jnp.int32)
+
+  def loss(s, x, segment_ids, positions):
+    y = nnx.merge(graphdef, s)(x, segment_ids, positions, jnp.ones((BATCH, LENGTH), bool))[0]
+    return jnp.sum(y.astype(jnp.float32))
+  return jax.grad(loss, argnums=(0, 1)), state, _spec((BATCH, LENGTH, D)), ids, ids
 
 
 def _experts(w_gate, w_up, w_down, xe_GxExCxD, gates_GxExC):
@@ -77,6 +90,8 @@ def main():
       ("  combine (scatter-add)",
        jax.grad(lambda y, i: jnp.sum(reference.ec_combine(y, i, None, N).astype(jnp.float32) ** 2)),
        _spec((1, E, C, D)), idx),
+      ("dense block (attention + FFN)", *_block_grad(dense_1b7.get_config().model, False)),
+      ("EC block (attention + MoE)", *_block_grad(CFG, True)),
   ]
   print(f"{'part (forward + backward)':38s} {'est. ms':>8s} {'GFLOP':>8s} {'GB moved':>9s} {'/ dense FFN':>11s}")
   dense = None

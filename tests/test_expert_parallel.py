@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from sdlm_jax.parallel import expert
 
@@ -73,3 +74,35 @@ def test_no_mesh_means_no_expert_parallelism():
   assert expert.expert_axes() == () and expert.expert_parallelism() == 1
   x = jnp.ones((2, 4, 3, 5))
   assert expert.to_experts(x) is x and expert.from_experts(x) is x
+
+
+@pytest.mark.tpu_aot
+@pytest.mark.parametrize("data, fsdp, ep", [(1, 4, 2), (2, 2, 2)])
+def test_expert_choice_buffers_move_with_one_all_to_all_each_way(data, fsdp, ep):
+  """On a real TPU compile the [G, E, C, D] buffer changes hands with one all-to-all and no
+  all-gather: the shard_map takes G's layout over every batch axis as it is (a shard_map
+  manual over the expert axis alone made XLA gather the buffer and re-split it)."""
+  from flax import nnx
+  from jax.experimental import topologies
+  from jax.sharding import NamedSharding
+
+  from configs.base import get_base_config
+  from sdlm_jax.parallel.mesh import make_mesh
+  from sdlm_jax.parallel.rules import get_rules
+
+  cfg = get_base_config().mesh
+  cfg.update(data=data, fsdp=fsdp, expert=ep)
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x2").devices
+  mesh = make_mesh(cfg, devices)
+  groups, num_experts = 2 * data * fsdp * ep, 4 * ep
+  batch_spec = P(("data", "fsdp", "expert"))
+  x = jax.ShapeDtypeStruct((groups, num_experts, 16, 256), jnp.bfloat16, sharding=NamedSharding(mesh, batch_spec))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules("default")):
+    there = jax.jit(expert.to_experts).lower(x).compile()
+    back = jax.jit(lambda t: expert.from_experts(expert.to_experts(t))).lower(x).compile()
+  assert there.output_shardings.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), "expert")), 4)
+  assert back.output_shardings.is_equivalent_to(x.sharding, 4)
+  for compiled, moves in ((there, 1), (back, 2)):
+    hlo = compiled.as_text()
+    assert hlo.count(" all-to-all(") == moves
+    assert " all-gather" not in hlo and " all-reduce" not in hlo and " collective-permute" not in hlo

@@ -18,6 +18,7 @@ MESHES = [  # (data, fsdp, expert, model, rules)
     (8, 1, 1, 1, "data"),
     (1, 8, 1, 1, "default"),
     (1, 4, 2, 1, "default"),
+    (2, 2, 2, 1, "default"),  # expert buffers' groups split over data, fsdp and expert
     (1, 2, 2, 2, "default"),
 ]
 

@@ -32,7 +32,7 @@ from sdlm_jax.model import routing
 from sdlm_jax.model.layers import ACT_BLD, dtype_of, param
 from sdlm_jax.model.mlp import SwiGLU
 from sdlm_jax.parallel import expert as expert_parallel
-from sdlm_jax.parallel.sharding import constrain, logical_to_spec
+from sdlm_jax.parallel.sharding import constrain, logical_to_spec, mesh_axes_of
 
 ROUTERS = ("expert_choice", "token_choice")
 EC_GROUPS = ("sequence", "batch")
@@ -47,13 +47,7 @@ _EXPERT_WEIGHTS = {"w_gate": ("expert", "embed", "expert_mlp"), "w_up": ("expert
 def batch_shards() -> int:
   """How many ways the active mesh and logical rules split the batch (1 without either)."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not core_spmd.get_logical_axis_rules():
-    return 1
-  axes = logical_to_spec(("activation_batch",))[0]
-  if axes is None:
-    return 1
-  axes = axes if isinstance(axes, tuple) else (axes,)
-  return math.prod(mesh.shape[a] for a in axes)
+  return math.prod(mesh.shape[a] for a in mesh_axes_of("activation_batch"))
 
 
 def ec_num_groups(ec_group: str, batch: int, shards: int) -> int:

@@ -19,23 +19,17 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax.core import spmd as core_spmd
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import target
-from sdlm_jax.parallel.sharding import logical_to_spec
+from sdlm_jax.parallel.sharding import mesh_axes_of
 
 EXCHANGES = ("ragged", "padded")
 
 
 def expert_axes() -> tuple[str, ...]:
   """Mesh axes the experts are split over under the active mesh and rules (() for none)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not core_spmd.get_logical_axis_rules():
-    return ()
-  axes = logical_to_spec(("activation_expert",))[0]
-  axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-  return tuple(a for a in axes if mesh.shape[a] > 1)
+  return mesh_axes_of("activation_expert")
 
 
 def expert_parallelism() -> int:
@@ -43,26 +37,44 @@ def expert_parallelism() -> int:
   return math.prod(mesh.shape[a] for a in expert_axes())
 
 
-def _a2a(x, split_axis: int, concat_axis: int, in_spec, out_spec):
-  axes = expert_axes()
-  body = lambda t: jax.lax.all_to_all(t, axes, split_axis, concat_axis, tiled=True)
-  return jax.shard_map(body, in_specs=in_spec, out_specs=out_spec, axis_names=set(axes))(x)
+def _group_axes(groups: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(axes G is split over on the tokens' side, the non-expert ones of those).
+
+  The shard_map is manual over every batch axis G is split over, so each device's block of
+  G enters it as is: a shard_map manual over the expert axis alone would want the expert
+  axis major in G's layout, where the batch rules put it minor, and XLA would all-gather
+  the buffer to re-split it. A G that the batch axes do not divide (an odd-sized
+  generation batch) is split over the expert axes only.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  experts = expert_axes()
+  batch = mesh_axes_of("activation_batch")
+  manual = batch if groups % math.prod(mesh.shape[a] for a in batch) == 0 else experts
+  return manual, tuple(a for a in manual if a not in experts)
+
+
+def _a2a(x, split_axis: int, concat_axis: int, groups_side: bool):
+  """all_to_all over the expert axes between G split (groups_side) and E split."""
+  experts = expert_axes()
+  manual, rest = _group_axes(x.shape[0])
+  by_group, by_expert = P(manual), P(rest or None, experts)
+  body = lambda t: jax.lax.all_to_all(t, experts, split_axis, concat_axis, tiled=True)
+  in_spec, out_spec = (by_group, by_expert) if groups_side else (by_expert, by_group)
+  return jax.shard_map(body, in_specs=in_spec, out_specs=out_spec, axis_names=set(manual))(x)
 
 
 def to_experts(x_GxExCxD):
-  """[G, E, C, D] with G split over the expert axis -> the same array with E split over it."""
-  axes = expert_axes()
-  if not axes:
+  """[G, E, C, ...] with G split over the expert axis -> the same array with E split over it."""
+  if not expert_axes():
     return x_GxExCxD
-  return _a2a(x_GxExCxD, 1, 0, P(axes), P(None, axes))
+  return _a2a(x_GxExCxD, 1, 0, groups_side=True)
 
 
 def from_experts(y_GxExCxD):
   """Inverse of to_experts: E split over the expert axis -> G split over it."""
-  axes = expert_axes()
-  if not axes:
+  if not expert_axes():
     return y_GxExCxD
-  return _a2a(y_GxExCxD, 0, 1, P(None, axes), P(axes))
+  return _a2a(y_GxExCxD, 0, 1, groups_side=False)
 
 
 def default_exchange() -> str:

@@ -15,6 +15,16 @@ def logical_to_spec(axes) -> P:
   return P(*core_spmd.from_sharding_rules(tuple(axes), core_spmd.get_logical_axis_rules()))
 
 
+def mesh_axes_of(logical: str) -> tuple[str, ...]:
+  """Mesh axes (size > 1) one logical axis is split over under the active mesh and rules."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not core_spmd.get_logical_axis_rules():
+    return ()
+  axes = logical_to_spec((logical,))[0]
+  axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+  return tuple(a for a in axes if mesh.shape[a] > 1)
+
+
 def constrain(x, axes):
   if not core_spmd.get_logical_axis_rules() or jax.sharding.get_abstract_mesh().empty:
     return x

@@ -4,9 +4,11 @@ One v5p chip's share of the ec_8b1b7a seed config (4 x 2048 tokens, d_model 2048
 experts x 640, top_k 8, one shared expert), forward + backward of each part alone, against
 the dense 1.7B model's SwiGLU FFN (6144), then the whole dense and EC transformer blocks. Needs libtpu (`pip install -e ".[tpu]"`).
 
-  python benchmarks/ec_layer_cost.py
+  python benchmarks/ec_layer_cost.py                      # one v5p chip
+  python benchmarks/ec_layer_cost.py --topology v6e:2x2   # one v6e chip
 """
 
+import argparse
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -24,7 +26,7 @@ from sdlm_jax.model.mlp import SwiGLU  # noqa: E402
 from sdlm_jax.model.moe import MoE  # noqa: E402
 from sdlm_jax.model.transformer import Block  # noqa: E402
 
-TOPOLOGY = "v5p:2x2x1"  # compiled for one chip of it
+TOPOLOGY = "v5p:2x2x1"  # the default; compiled for one chip of it
 BATCH, LENGTH = 4, 2048
 CFG = ec_8b1b7a.get_config().model
 D, E, F, K = CFG.d_model, CFG.moe.num_experts, CFG.moe.expert_mlp_dim, CFG.moe.top_k
@@ -36,8 +38,8 @@ def _spec(shape, dtype=jnp.bfloat16):
   return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def _cost(fn, *specs):
-  cost = aot.cost_analysis(aot.compile_on(TOPOLOGY, fn, *specs, compiler_options=ESTIMATE_OPTIONS))
+def _cost(topology, fn, *specs):
+  cost = aot.cost_analysis(aot.compile_on(topology, fn, *specs, compiler_options=ESTIMATE_OPTIONS))
   return float(cost["optimal_seconds"]), float(cost["flops"]), float(cost.get("bytes accessed", 0.0))
 
 
@@ -71,6 +73,9 @@ def _router(x_BxLxD, router_DxE):
 
 
 def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--topology", default=TOPOLOGY, help="TPU topology to compile for (one chip of it is used)")
+  topology = parser.parse_args().topology
   idx, gates = _spec((1, E, C), jnp.int32), _spec((1, E, C))
   weights = [_spec((E, D, F)), _spec((E, D, F)), _spec((E, F, D))]
   parts = [
@@ -93,10 +98,11 @@ def main():
       ("dense block (attention + FFN)", *_block_grad(dense_1b7.get_config().model, False)),
       ("EC block (attention + MoE)", *_block_grad(CFG, True)),
   ]
+  print(f"one chip of {topology}, {N} tokens")
   print(f"{'part (forward + backward)':38s} {'est. ms':>8s} {'GFLOP':>8s} {'GB moved':>9s} {'/ dense FFN':>11s}")
   dense = None
   for name, fn, *specs in parts:
-    seconds, flops, moved = _cost(fn, *specs)
+    seconds, flops, moved = _cost(topology, fn, *specs)
     dense = dense or seconds
     print(f"{name:38s} {seconds * 1e3:8.3f} {flops / 1e9:8.1f} {moved / 1e9:9.2f} {seconds / dense:11.2f}", flush=True)
 

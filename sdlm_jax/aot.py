@@ -178,7 +178,8 @@ def depth_probes(cfg) -> list[tuple[int, int]]:
 
 
 def estimate_cost(cfg, devices, chip: str) -> dict:
-  """XLA's cost-model step time and FLOPs of cfg's full depth, unrolled.
+  """XLA's cost-model step time and FLOPs of cfg's full depth, unrolled, and the time of one
+  more layer of each kind the model has stacked more than once ({"dense"|"moe": seconds}).
 
   The cost of an unrolled program is linear in the number of layers of each kind (the
   layers are identical; embedding, head and optimizer are fixed), so it is read off small
@@ -191,13 +192,15 @@ def estimate_cost(cfg, devices, chip: str) -> dict:
            for probe in depth_probes(cfg)}
   probes = list(costs)
   base = probes[0]
-  out = {}
+  out = {"layer_seconds": {}}
   for key in ("optimal_seconds", "flops"):
     value = float(costs[base][key])
     for probe in probes[1:]:
       moe = probe[1] > base[1]
       slope = float(costs[probe][key]) - float(costs[base][key])
       value += slope * (stacks[moe] - (base[1] if moe else base[0]))
+      if key == "optimal_seconds":
+        out["layer_seconds"]["moe" if moe else "dense"] = slope
     out[key] = value
   return out
 
@@ -221,7 +224,8 @@ def fit_report(cfg, tpu_slice: Slice, *, estimate: bool = True, devices=None) ->
   if estimate:
     timed = estimate_cost(cfg, devices, tpu_slice.chip)
     seconds = timed["optimal_seconds"]
-    report.update(compiled_flops_per_chip=timed["flops"], step_seconds=seconds if seconds > 0 else float("nan"))
+    report.update(compiled_flops_per_chip=timed["flops"], step_seconds=seconds if seconds > 0 else float("nan"),
+                  layer_seconds=timed["layer_seconds"])
     report["mfu"] = report["analytic_flops_per_chip"] / (chip.bf16_flops * report["step_seconds"])
     report["tokens_per_sec_per_chip"] = tokens / len(devices) / report["step_seconds"]
   return report
@@ -254,6 +258,8 @@ def format_report(report: dict) -> str:
         f"{report['tokens_per_sec_per_chip']:,.0f} tokens/s/chip" if math.isfinite(report["step_seconds"]) else
         "estimated step: not available (XLA's cost model returned a negative time for this chip)",
     ]
+    if report["layer_seconds"]:
+      lines.append("per layer: " + ", ".join(f"{kind} {1e3 * t:.1f} ms" for kind, t in report["layer_seconds"].items()))
   lines.append("collectives: " + (", ".join(f"{name} x{n} ({_gib(b)})" for name, (n, b) in
                                             sorted(report["collectives"].items())) or "none"))
   return "\n".join(lines)

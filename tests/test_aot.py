@@ -64,7 +64,8 @@ def test_depth_extrapolation_recovers_a_cost_linear_in_each_layer_kind(monkeypat
   cfg.model.update(num_layers=12)
   cfg.model.moe.first_k_dense = 3
   assert aot.depth_probes(cfg) == [(1, 1), (2, 1), (1, 2)]
-  assert aot.estimate_cost(cfg, [], "v5p") == {"optimal_seconds": 0.5 + 0.75 + 13.5, "flops": 7.0 + 6.0 + 27.0}
+  assert aot.estimate_cost(cfg, [], "v5p") == {"optimal_seconds": 0.5 + 0.75 + 13.5, "flops": 7.0 + 6.0 + 27.0,
+                                               "layer_seconds": {"dense": 0.25, "moe": 1.5}}
   cfg.model.moe.num_experts = 0  # dense only: probes of 1 and 2 dense layers
   assert aot.depth_probes(cfg) == [(1, 0), (2, 0)]
   assert aot.estimate_cost(cfg, [], "v5p")["flops"] == 7.0 + 2.0 * 12
@@ -108,7 +109,7 @@ def test_cli_reports_a_fitting_config_with_its_estimate():
                    "--config.model.dtype=bfloat16")
   assert proc.returncode == 0, proc.stderr[-3000:]
   for text in ("slice v5p-8 (v5p:2x2x1, 4 chips, 1 hosts)", "(fits)", "estimated step", "MFU", "tokens/s/chip",
-               "collectives:"):
+               "per layer: moe", "collectives:"):
     assert text in proc.stdout, proc.stdout
 
 

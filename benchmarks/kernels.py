@@ -126,12 +126,12 @@ def ec_layer_section(topologies, batch=4, length=2048, top_k=1):
     compile_on = functools.partial(aot.compile_on, compiler_options=ESTIMATE_OPTIONS)
     whole = ms(compile_on(topo, layer_grad, params, ((batch, length, D), bf16)))
     alone = ms(compile_on(topo, matmuls, ((EXPERTS, D, F), bf16), ((EXPERTS, D, F), bf16),
-                              ((EXPERTS, F, D), bf16), ((batch, EXPERTS, capacity, D), bf16)))
+                          ((EXPERTS, F, D), bf16), ((batch, EXPERTS, capacity, D), bf16)))
     disp = ms(compile_on(topo, dispatch, ((batch, length, D), bf16), ((batch, EXPERTS, capacity), jnp.int32),
-                             ((batch, EXPERTS, capacity, D), bf16)))
+                         ((batch, EXPERTS, capacity, D), bf16)))
     comb = ms(compile_on(topo, combine, ((batch, EXPERTS, capacity, D), bf16),
-                             ((batch, EXPERTS, capacity), jnp.int32), ((batch, EXPERTS, capacity), bf16),
-                             ((batch, length, D), bf16)))
+                         ((batch, EXPERTS, capacity), jnp.int32), ((batch, EXPERTS, capacity), bf16),
+                         ((batch, length, D), bf16)))
     bound = lambda b: f"{b / chip.hbm_bytes_per_s * 1e3:.3f}"
     fmt = lambda t: "n/a" if np.isnan(t) else f"{t:.3f}"
     print(_row(aot.chip_of(topo), fmt(whole), fmt(alone), fmt(disp), bound(dispatch_bound_bytes), fmt(comb),

@@ -11,9 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from flax import nnx
+from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from configs.base import get_base_config
 from sdlm_jax.parallel import expert
+from sdlm_jax.parallel.mesh import make_mesh
+from sdlm_jax.parallel.rules import get_rules
 
 EP, M, D = 4, 12, 3
 
@@ -82,14 +87,6 @@ def test_expert_choice_buffers_move_with_one_all_to_all_each_way(data, fsdp, ep)
   """On a real TPU compile the [G, E, C, D] buffer changes hands with one all-to-all and no
   all-gather: the shard_map takes G's layout over every batch axis as it is (a shard_map
   manual over the expert axis alone made XLA gather the buffer and re-split it)."""
-  from flax import nnx
-  from jax.experimental import topologies
-  from jax.sharding import NamedSharding
-
-  from configs.base import get_base_config
-  from sdlm_jax.parallel.mesh import make_mesh
-  from sdlm_jax.parallel.rules import get_rules
-
   cfg = get_base_config().mesh
   cfg.update(data=data, fsdp=fsdp, expert=ep)
   devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x2").devices

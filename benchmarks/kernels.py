@@ -9,9 +9,9 @@ GPU is present. Prints one table in three sections.
    HBM, and the model's time next to the dense roofline 2mkn/peak. Model times are estimates,
    not measurements; XLA's cost model cannot time a Pallas call (it echoes our CostEstimate).
 2. The expert-choice MoE layer (all XLA: top-k, gather, batched SwiGLU einsums, scatter-add),
-   forward + backward, XLA's cost-model time per chip: the whole layer, the expert matmuls
-   alone (what any dispatch scheme must pay), and dispatch / combine alone next to their HBM
-   lower bound (bytes they must move / bandwidth). Reference layer: 8192 tokens (4 x 2048),
+   forward + backward, XLA's cost-model time per chip: the whole layer (with float32 and with
+   bf16 params), the expert matmuls alone (what any dispatch scheme must pay), and dispatch /
+   combine alone next to their HBM lower bound (bytes they must move / bandwidth). Reference layer: 8192 tokens (4 x 2048),
    d 2048, expert FFN 1024, 64 experts, k=1; REFERENCE.md's v5p figures: 1.79 ms whole layer,
    1.34 ms matmuls alone.
 3. GPU: gmm (Pallas Triton vs lax.ragged_dot), measured, only when a GPU is present.
@@ -71,12 +71,12 @@ def tpu_kernel_section(topologies):
                  f"{flops / chip.bf16_flops * 1e6:.0f}", f"{flops / plan.seconds / 1e12:.0f}", widths=widths, left=3))
 
 
-def _ec_layer(d, f, experts, top_k):
+def _ec_layer(d, f, experts, top_k, param_dtype="float32"):
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from configs import demo  # pylint: disable=import-outside-toplevel
   from sdlm_jax.model.moe import MoE  # pylint: disable=import-outside-toplevel
   cfg = demo.get_config("ec").model
-  cfg.d_model, cfg.dtype = d, "bfloat16"
+  cfg.d_model, cfg.dtype, cfg.param_dtype = d, "bfloat16", param_dtype
   cfg.moe.num_experts, cfg.moe.expert_mlp_dim, cfg.moe.top_k = experts, f, top_k
   cfg.moe.num_shared_experts, cfg.moe.ec_group = 0, "sequence"
   with nnx.use_eager_sharding(False):
@@ -94,10 +94,11 @@ def ec_layer_section(topologies, batch=4, length=2048, top_k=1):
   tokens, slots = batch * length, batch * EXPERTS * capacity
   print(f"\n2. Expert-choice MoE layer (XLA), fwd+bwd, XLA cost model: {batch}x{length} tokens, d {D}, "
         f"expert FFN {F}, {EXPERTS} experts, k={top_k}, C={capacity}, bf16 (ms)")
-  widths = (10, 12, 14, 9, 15, 8, 14, 14)
-  print(_row("chip", "whole layer", "matmuls alone", "dispatch", "dispatch bound", "combine", "combine bound",
+  widths = (10, 12, 12, 14, 9, 15, 8, 14, 14)
+  print(_row("chip", "whole layer", "bf16 params", "matmuls alone", "dispatch", "dispatch bound", "combine", "combine bound",
              "parts / matmuls", widths=widths))
   layer_grad, params = _ec_layer(D, F, EXPERTS, top_k)
+  layer_grad_bf16, params_bf16 = _ec_layer(D, F, EXPERTS, top_k, "bfloat16")
   bf16 = jnp.bfloat16
 
   def matmuls(w_gate, w_up, w_down, xe):
@@ -125,6 +126,7 @@ def ec_layer_section(topologies, batch=4, length=2048, top_k=1):
     ms = lambda c: aot.estimated_seconds(c) * 1e3
     compile_on = functools.partial(aot.compile_on, compiler_options=ESTIMATE_OPTIONS)
     whole = ms(compile_on(topo, layer_grad, params, ((batch, length, D), bf16)))
+    whole_bf16 = ms(compile_on(topo, layer_grad_bf16, params_bf16, ((batch, length, D), bf16)))
     alone = ms(compile_on(topo, matmuls, ((EXPERTS, D, F), bf16), ((EXPERTS, D, F), bf16),
                           ((EXPERTS, F, D), bf16), ((batch, EXPERTS, capacity, D), bf16)))
     disp = ms(compile_on(topo, dispatch, ((batch, length, D), bf16), ((batch, EXPERTS, capacity), jnp.int32),
@@ -134,11 +136,13 @@ def ec_layer_section(topologies, batch=4, length=2048, top_k=1):
                          ((batch, length, D), bf16)))
     bound = lambda b: f"{b / chip.hbm_bytes_per_s * 1e3:.3f}"
     fmt = lambda t: "n/a" if np.isnan(t) else f"{t:.3f}"
-    print(_row(aot.chip_of(topo), fmt(whole), fmt(alone), fmt(disp), bound(dispatch_bound_bytes), fmt(comb),
-               bound(combine_bound_bytes), fmt((alone + disp + comb) / alone), widths=widths))
+    print(_row(aot.chip_of(topo), fmt(whole), fmt(whole_bf16), fmt(alone), fmt(disp), bound(dispatch_bound_bytes),
+               fmt(comb), bound(combine_bound_bytes), fmt((alone + disp + comb) / alone), widths=widths))
   print("Compiled with sdlm_jax.aot.ESTIMATE_OPTIONS (no SparseCore scatter offload or sliced VMEM prefetches,\n"
         "which the cost model prices at -1 s; n/a: it still returned a negative time); parts / matmuls =\n"
-        "(matmuls + dispatch + combine) / matmuls. Bounds: the bytes each op must move once, at full HBM bandwidth.")
+        "(matmuls + dispatch + combine) / matmuls. 'whole layer' has float32 params cast to bf16 in the step,\n"
+        "as training does; 'bf16 params' is the same layer without the casts and with bf16 gradients.\n"
+        "Bounds: the bytes each op must move once, at full HBM bandwidth.")
 
 
 def _time(fn, *args, reps=20):

@@ -32,7 +32,7 @@ from sdlm_jax.model import routing
 from sdlm_jax.model.layers import ACT_BLD, dtype_of, param
 from sdlm_jax.model.mlp import SwiGLU
 from sdlm_jax.parallel import expert as expert_parallel
-from sdlm_jax.parallel.sharding import constrain, logical_to_spec, mesh_axes_of
+from sdlm_jax.parallel.sharding import constrain, logical_to_spec, mesh_axes_of, spec_entry_axes
 
 ROUTERS = ("expert_choice", "token_choice")
 EC_GROUPS = ("sequence", "batch")
@@ -157,8 +157,8 @@ class MoE(nnx.Module):
     if mesh.empty or not core_spmd.get_logical_axis_rules():
       return self._token_choice_local(x_NxD, expert_idx_NxK, gates_NxK, w_gate, w_up, w_down, axes=None)
     specs = {name: logical_to_spec(axes) for name, axes in _EXPERT_WEIGHTS.items()}
-    axes = {"expert": _mesh_axes(specs["w_gate"][0], mesh), "embed": _mesh_axes(specs["w_gate"][1], mesh),
-            "mlp": _mesh_axes(specs["w_gate"][2], mesh)}
+    axes = {"expert": spec_entry_axes(specs["w_gate"][0], mesh), "embed": spec_entry_axes(specs["w_gate"][1], mesh),
+            "mlp": spec_entry_axes(specs["w_gate"][2], mesh)}
     rows, batch_spec = logical_to_spec(_ACT_ND), logical_to_spec(("activation_batch", None))
     body = functools.partial(self._token_choice_local, axes=axes)
     return jax.shard_map(body, in_specs=(rows, batch_spec, batch_spec, specs["w_gate"], specs["w_up"],
@@ -205,9 +205,3 @@ class MoE(nnx.Module):
 def _inverse(order_M):
   """The inverse permutation of order_M."""
   return jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype))
-
-
-def _mesh_axes(entry, mesh) -> tuple[str, ...]:
-  """A PartitionSpec entry as a tuple of the mesh axes it names that have size > 1."""
-  names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
-  return tuple(a for a in names if mesh.shape[a] > 1)

@@ -37,7 +37,7 @@ def expert_parallelism() -> int:
   return math.prod(mesh.shape[a] for a in expert_axes())
 
 
-def _group_axes(groups: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _group_axes(groups: int, experts: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
   """(axes G is split over on the tokens' side, the non-expert ones of those).
 
   The shard_map is manual over every batch axis G is split over, so each device's block of
@@ -47,34 +47,30 @@ def _group_axes(groups: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
   generation batch) is split over the expert axes only.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  experts = expert_axes()
   batch = mesh_axes_of("activation_batch")
   manual = batch if groups % math.prod(mesh.shape[a] for a in batch) == 0 else experts
   return manual, tuple(a for a in manual if a not in experts)
 
 
-def _a2a(x, split_axis: int, concat_axis: int, groups_side: bool):
-  """all_to_all over the expert axes between G split (groups_side) and E split."""
-  experts = expert_axes()
-  manual, rest = _group_axes(x.shape[0])
+def _a2a(x, experts: tuple[str, ...], to_experts: bool):
+  """all_to_all over the expert axes: G split -> E split (to_experts), or back."""
+  manual, rest = _group_axes(x.shape[0], experts)
   by_group, by_expert = P(manual), P(rest or None, experts)
-  body = lambda t: jax.lax.all_to_all(t, experts, split_axis, concat_axis, tiled=True)
-  in_spec, out_spec = (by_group, by_expert) if groups_side else (by_expert, by_group)
+  split, concat, in_spec, out_spec = (1, 0, by_group, by_expert) if to_experts else (0, 1, by_expert, by_group)
+  body = lambda t: jax.lax.all_to_all(t, experts, split, concat, tiled=True)
   return jax.shard_map(body, in_specs=in_spec, out_specs=out_spec, axis_names=set(manual))(x)
 
 
 def to_experts(x_GxExCxD):
   """[G, E, C, ...] with G split over the expert axis -> the same array with E split over it."""
-  if not expert_axes():
-    return x_GxExCxD
-  return _a2a(x_GxExCxD, 1, 0, groups_side=True)
+  experts = expert_axes()
+  return _a2a(x_GxExCxD, experts, to_experts=True) if experts else x_GxExCxD
 
 
 def from_experts(y_GxExCxD):
   """Inverse of to_experts: E split over the expert axis -> G split over it."""
-  if not expert_axes():
-    return y_GxExCxD
-  return _a2a(y_GxExCxD, 0, 1, groups_side=False)
+  experts = expert_axes()
+  return _a2a(y_GxExCxD, experts, to_experts=False) if experts else y_GxExCxD
 
 
 def default_exchange() -> str:

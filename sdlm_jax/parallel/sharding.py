@@ -15,14 +15,18 @@ def logical_to_spec(axes) -> P:
   return P(*core_spmd.from_sharding_rules(tuple(axes), core_spmd.get_logical_axis_rules()))
 
 
+def spec_entry_axes(entry, mesh) -> tuple[str, ...]:
+  """A PartitionSpec entry as a tuple of the mesh axes it names that have size > 1."""
+  names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+  return tuple(a for a in names if mesh.shape[a] > 1)
+
+
 def mesh_axes_of(logical: str) -> tuple[str, ...]:
   """Mesh axes (size > 1) one logical axis is split over under the active mesh and rules."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not core_spmd.get_logical_axis_rules():
     return ()
-  axes = logical_to_spec((logical,))[0]
-  axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-  return tuple(a for a in axes if mesh.shape[a] > 1)
+  return spec_entry_axes(logical_to_spec((logical,))[0], mesh)
 
 
 def constrain(x, axes):

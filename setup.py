@@ -9,7 +9,7 @@ setup(
     name="sdlm_jax",
     version="0.1.0",
     description="Sparse (MoE) diffusion language models in JAX/Flax NNX, TPU-native.",
-    packages=find_packages(include=["sdlm_jax", "sdlm_jax.*", "pallas_kernels", "pallas_kernels.*", "configs", "configs.*"]),
+    packages=find_packages(include=["sdlm_jax", "sdlm_jax.*", "pallas_kernels", "pallas_kernels.*"]),
     python_requires=">=3.10",
     install_requires=[
         f"jax=={JAX_VERSION}",

@@ -12,7 +12,6 @@ it). Needs libtpu (`pip install -e ".[tpu]"`); each row compiles the full scanne
 """
 
 import argparse
-import importlib
 import math
 import os
 import time
@@ -21,6 +20,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from sdlm_jax import aot  # noqa: E402
+from sdlm_jax.config_files import repo_module  # noqa: E402
 
 CONFIGS = ("dense_1b7", "dense_8b", "ec_8b1b7a")
 BASELINE = "dense_1b7"
@@ -52,7 +52,7 @@ def main():
     devices = aot.slice_devices(tpu_slice)
     baseline_seconds = float("nan")
     for name in args.configs.split(","):
-      cfg = importlib.import_module(f"configs.openmoe2.{name}").get_config()
+      cfg = repo_module(f"openmoe2/{name}").get_config()
       for assignment in args.override:
         _override(cfg, assignment)
       start = time.time()

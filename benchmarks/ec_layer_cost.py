@@ -18,7 +18,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from configs.openmoe2 import dense_1b7, ec_8b1b7a  # noqa: E402
+from sdlm_jax.config_files import repo_module  # noqa: E402
+
+dense_1b7, ec_8b1b7a = repo_module("openmoe2/dense_1b7"), repo_module("openmoe2/ec_8b1b7a")
 from pallas_kernels import aot, reference  # noqa: E402
 from sdlm_jax.aot import ESTIMATE_OPTIONS  # noqa: E402
 from sdlm_jax.model import routing  # noqa: E402

@@ -73,7 +73,8 @@ def tpu_kernel_section(topologies):
 
 def _ec_layer(d, f, experts, top_k, param_dtype="float32"):
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from configs import demo  # pylint: disable=import-outside-toplevel
+  from sdlm_jax.config_files import repo_module  # pylint: disable=import-outside-toplevel
+  demo = repo_module("demo")
   from sdlm_jax.model.moe import MoE  # pylint: disable=import-outside-toplevel
   cfg = demo.get_config("ec").model
   cfg.d_model, cfg.dtype, cfg.param_dtype = d, "bfloat16", param_dtype

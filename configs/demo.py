@@ -17,7 +17,7 @@ of them for a CPU test in seconds:
   configs/demo.py:ec,smoke a few steps of a very small model
 """
 
-from configs.base import get_base_config
+from sdlm_jax.defaults import get_base_config
 
 VARIANTS = ("ec", "tc", "dense", "ar")
 

@@ -22,22 +22,14 @@ import dataclasses
 import math
 import re
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
-
 from pallas_kernels import target
 from pallas_kernels.aot import cost_analysis as cost
 from sdlm_jax import config as config_lib
-from sdlm_jax.data.tokenizer import MASK_ID
-from sdlm_jax.model.transformer import layer_stacks
+from sdlm_jax.model.stacks import layer_stacks
 from sdlm_jax.parallel.mesh import make_mesh, mesh_shape, num_slices_of
-from sdlm_jax.parallel.rules import BATCH_MESH_AXES, MESH_AXES, get_rules
+from sdlm_jax.parallel.rules import MESH_AXES
 from sdlm_jax.scaling.flops import flops_per_token, param_counts
-from sdlm_jax.train import state as state_lib
-from sdlm_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from sdlm_jax.train.step import make_train_step
+from sdlm_jax.train import program as program_lib
 
 # Compiler options of the timing compiles. The TPU cost model prices a scatter offloaded to the
 # SparseCore, and each sliced prefetch into VMEM (v5e, v6e), at -1 s; without either the
@@ -111,26 +103,11 @@ def slice_devices(tpu_slice: Slice) -> list:
   return list(topologies.get_topology_desc(platform="tpu", topology_name=tpu_slice.topology, **kwargs).devices)
 
 
-def _with_sharding(shape, dtype, sharding):
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-
-
 def compile_train_step(cfg, devices, chip: str, compiler_options=None):
   """The compiled train step of `cfg` on `devices` (a mesh is built from cfg.mesh)."""
-  mesh = make_mesh(cfg.mesh, devices)
-  graphdef, params, rest = state_lib.abstract_model(cfg, mesh)
-  optimizer = make_optimizer(cfg.train.optimizer, cfg.train.num_steps)
-  opt_state = state_lib.abstract_opt_state(optimizer, params, mesh)
   with target.compile_for("tpu", chip):
-    step_fn = make_train_step(graphdef, rest, optimizer, learning_rate_schedule(cfg.train.optimizer, cfg.train.num_steps),
-                              cfg, MASK_ID, state_shardings=state_lib.shardings_of((params, opt_state)))
-    batch_sharding = NamedSharding(mesh, P(BATCH_MESH_AXES))
-    shape = (cfg.train.batch_size, cfg.data.seq_len)
-    batch = {k: _with_sharding(shape, jnp.int32, batch_sharding) for k in ("tokens", "segment_ids", "positions")}
-    step = _with_sharding((), jnp.int32, NamedSharding(mesh, P()))
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules(cfg.mesh.rules)):
-      lowered = step_fn.lower(params, opt_state, batch, step)
-    return lowered.compile(compiler_options=compiler_options)
+    program = program_lib.build(cfg, make_mesh(cfg.mesh, devices), abstract=True)
+    return program.lower().compile(compiler_options=compiler_options)
 
 
 def hbm(compiled) -> dict:

@@ -1,4 +1,4 @@
-"""What a run directory holds besides checkpoints, and how to reload a trained model.
+"""What a run directory holds besides checkpoints (sdlm_jax.train.restore reloads a model).
 
 WORKDIR/config.json   the full resolved config (generation and evaluation rebuild from it)
 WORKDIR/tokenizer.model  the sentencepiece model the run was trained with
@@ -11,6 +11,9 @@ import os
 import shutil
 
 import ml_collections
+
+from sdlm_jax.data.tokenizer import Tokenizer
+from sdlm_jax.defaults import get_base_config
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -52,7 +55,6 @@ def _fill_missing(saved: dict, defaults: dict, path=()) -> dict:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's resolved config; fields added since it was written get their old meaning."""
-  from configs.base import get_base_config  # pylint: disable=import-outside-toplevel
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a directory written by sdlm-train?")
@@ -62,21 +64,4 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load_tokenizer(workdir: str):
-  from sdlm_jax.data.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
   return Tokenizer.load(os.path.join(workdir, TOKENIZER_FILE))
-
-
-def load_trained_model(workdir: str, step=None):
-  """(cfg, tokenizer, model with the checkpoint's params, step) for generation/evaluation."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from sdlm_jax.parallel.mesh import make_mesh  # pylint: disable=import-outside-toplevel
-  from sdlm_jax.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-  from sdlm_jax.train.state import abstract_model  # pylint: disable=import-outside-toplevel
-
-  cfg = load_config(workdir)
-  tokenizer = load_tokenizer(workdir)
-  graphdef, params, rest = abstract_model(cfg, make_mesh(cfg.mesh))
-  ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints, async_save=False)
-  params, step = ckpt.restore_params(params, step)
-  ckpt.close()
-  return cfg, tokenizer, nnx.merge(graphdef, params, rest), step

@@ -11,14 +11,12 @@ import sys
 
 import jax
 import numpy as np
-from flax import nnx
 
-from configs import demo
+from sdlm_jax.config_files import repo_module
 from sdlm_jax.parallel.mesh import make_mesh
-from sdlm_jax.parallel.rules import get_rules
-from sdlm_jax.train.loop import global_batch
-from sdlm_jax.train.state import init_model
-from sdlm_jax.train.step import make_loss_fn, step_rng
+from sdlm_jax.train import program as program_lib
+
+demo = repo_module("demo")
 
 
 def main(variant, data, fsdp, expert, model, rules):
@@ -28,23 +26,20 @@ def main(variant, data, fsdp, expert, model, rules):
   cfg.train.batch_size = 16
   cfg.mesh.update(data=int(data), fsdp=int(fsdp), expert=int(expert), model=int(model), rules=rules)
   num = int(data) * int(fsdp) * int(expert) * int(model)
-  mesh = make_mesh(cfg.mesh, jax.devices()[:num])
-  graphdef, params, rest = nnx.split(init_model(cfg, mesh), nnx.Param, ...)
+  program = program_lib.build(cfg, make_mesh(cfg.mesh, jax.devices()[:num]))
   rng = np.random.default_rng(0)
   shape = (cfg.train.batch_size, cfg.data.seq_len)
   seg = np.ones(shape, np.int32)
   seg[3, 20:] = 0
-  batch = global_batch({"tokens": rng.integers(5, cfg.model.vocab_size, shape, dtype=np.int32),
-                        "segment_ids": seg,
-                        "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()}, mesh)
-  loss_fn = make_loss_fn(graphdef, rest, cfg.diffusion, 4)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules(rules)):
-    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-    (loss, _), grads = grad_fn(params, batch, step_rng(0, 0))
-    hlo = grad_fn.lower(params, batch, step_rng(0, 0)).compile().as_text()
+  batch = program.global_batch({"tokens": rng.integers(5, cfg.model.vocab_size, shape, dtype=np.int32),
+                                "segment_ids": seg,
+                                "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()})
+  with program.context():
+    (loss, _), grads = program.grads(program.params, batch, program.step_rng(0))
+    hlo = program.grads.lower(program.params, batch, program.step_rng(0)).compile().as_text()
   flat = {"/".join(map(str, path)): np.asarray(jax.device_get(g)).ravel()[:64].tolist()
           for path, g in jax.tree_util.tree_leaves_with_path(grads)}
-  shardings = sorted({str(p.sharding.spec) for p in jax.tree.leaves(params)})
+  shardings = sorted({str(p.sharding.spec) for p in jax.tree.leaves(program.params)})
   print(json.dumps({"loss": float(loss), "grads": flat, "param_specs": shardings,
                     "all_to_all": hlo.count(" all-to-all(")}))
 

@@ -9,9 +9,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs.demo import get_config as demo_config
+from sdlm_jax.config_files import repo_module
 from pallas_kernels import aot as kernel_aot
 from sdlm_jax import aot
+
+demo_config = repo_module("demo").get_config
 
 pytestmark = pytest.mark.tpu_aot
 pytest.importorskip("jax.experimental.topologies")

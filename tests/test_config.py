@@ -2,9 +2,11 @@
 
 import pytest
 
-from configs import demo
+from sdlm_jax.config_files import repo_module
 from sdlm_jax import config as config_lib
 from sdlm_jax.config import ConfigError, validate
+
+demo = repo_module("demo")
 
 
 @pytest.mark.parametrize("arg", ["ec", "tc", "dense", "ar", "ec,smoke", "tc,smoke", "dense,smoke", "ar,smoke"])

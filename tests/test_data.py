@@ -8,7 +8,7 @@ import grain
 import numpy as np
 import pytest
 
-from configs.base import get_base_config
+from sdlm_jax.defaults import get_base_config
 from sdlm_jax.data import corpus, packing, pipeline, splits
 
 VOCAB = 400

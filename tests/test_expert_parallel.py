@@ -11,14 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs.base import get_base_config
+from sdlm_jax.defaults import get_base_config
 from sdlm_jax.parallel import expert
-from sdlm_jax.parallel.mesh import make_mesh
-from sdlm_jax.parallel.rules import get_rules
+from sdlm_jax.parallel.mesh import make_mesh, sharding_context
 
 EP, M, D = 4, 12, 3
 
@@ -94,7 +92,7 @@ def test_expert_choice_buffers_move_with_one_all_to_all_each_way(data, fsdp, ep)
   groups, num_experts = 2 * data * fsdp * ep, 4 * ep
   batch_spec = P(("data", "fsdp", "expert"))
   x = jax.ShapeDtypeStruct((groups, num_experts, 16, 256), jnp.bfloat16, sharding=NamedSharding(mesh, batch_spec))
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules("default")):
+  with sharding_context(mesh):
     there = jax.jit(expert.to_experts).lower(x).compile()
     back = jax.jit(lambda t: expert.from_experts(expert.to_experts(t))).lower(x).compile()
   assert there.output_shardings.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), "expert")), 4)

@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from configs import demo
+from sdlm_jax.config_files import repo_module
 from sdlm_jax.model.transformer import Transformer
 from sdlm_jax.scaling.flops import flops_per_token, param_counts
+
+demo = repo_module("demo")
 
 BATCH, LENGTH = 2, 128
 

@@ -281,7 +281,8 @@ def test_gpu_kernels_lower_to_triton():
 @pytest.mark.slow
 def test_token_choice_moe_layer_is_the_same_through_the_interpreted_kernel():
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from configs import demo  # pylint: disable=import-outside-toplevel
+  from sdlm_jax.config_files import repo_module  # pylint: disable=import-outside-toplevel
+  demo = repo_module("demo")
   from sdlm_jax.model.moe import MoE  # pylint: disable=import-outside-toplevel
   cfg = demo.get_config("tc,smoke").model
   x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 32, cfg.d_model)), jnp.float32)

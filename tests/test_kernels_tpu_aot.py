@@ -65,7 +65,8 @@ def test_token_choice_moe_layer_compiles_with_the_kernels_on_v5p():
   """The model's token-choice MoE layer (another module's code) at the reference size, forward
   and backward, with backend "pallas": 3 grouped matmuls forward, 6 kernels backward."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from configs import demo  # pylint: disable=import-outside-toplevel
+  from sdlm_jax.config_files import repo_module  # pylint: disable=import-outside-toplevel
+  demo = repo_module("demo")
   from sdlm_jax.model.moe import MoE  # pylint: disable=import-outside-toplevel
   cfg = demo.get_config("tc").model
   cfg.d_model, cfg.dtype = D, "bfloat16"

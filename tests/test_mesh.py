@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from configs.base import get_base_config
+from sdlm_jax.defaults import get_base_config
 from sdlm_jax.parallel.mesh import ici_dcn_shapes, make_mesh, mesh_shape
 
 

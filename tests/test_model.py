@@ -6,15 +6,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import demo
-from sdlm_jax.model.attention import Attention
+from sdlm_jax.config_files import repo_module
+from pallas_kernels import target
+from sdlm_jax.model.attention import Attention, resolve_implementation
 from sdlm_jax.model.moe import MoE
 from sdlm_jax.model.transformer import Transformer
-from sdlm_jax.parallel.mesh import make_mesh
+from sdlm_jax.parallel.mesh import make_mesh, sharding_context
 from sdlm_jax.parallel.rules import get_rules
 
+demo = repo_module("demo")
+
 ROUTER_KEYS = {"frac_tokens_zero_experts", "experts_per_token_mean", "experts_per_token_min",
-               "experts_per_token_max", "experts_per_token_std", "expert_load", "load_balance_loss", "z_loss"}
+               "experts_per_token_max", "experts_per_token_std", "expert_load", "expert_load_per_layer",
+               "load_balance_loss", "z_loss"}
 
 
 def _model_cfg(variant="ec,smoke", **overrides):
@@ -121,8 +125,10 @@ def test_model_shapes_dtypes_aux_and_finite_gradients(variant):
     return
   assert set(router) == ROUTER_KEYS
   assert router["expert_load"].shape == (cfg.moe.num_experts,)
-  assert all(v.dtype == jnp.float32 for v in router.values())
   num_moe = cfg.num_layers - cfg.moe.first_k_dense
+  assert router["expert_load_per_layer"].shape == (num_moe, cfg.moe.num_experts)
+  np.testing.assert_allclose(router["expert_load_per_layer"].mean(0), router["expert_load"], rtol=1e-6)
+  assert all(v.dtype == jnp.float32 for v in router.values())
   expected = num_moe * (0.01 * router["load_balance_loss"] + 0.001 * router["z_loss"])
   assert float(aux["aux_loss"]) == pytest.approx(float(expected), rel=1e-5)
   if variant == "ec,smoke":  # each of 4 experts takes 16*2/4 = 8 real tokens per row: 64 picks, 26 real tokens
@@ -146,7 +152,7 @@ def test_every_param_carries_logical_axis_names_and_builds_under_a_mesh():
   cfg = _model_cfg("ec,smoke")
   cfg.moe.ec_group = "batch"
   mesh = make_mesh(demo.get_config("ec,smoke").mesh)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules()):
+  with sharding_context(mesh):
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     logits, aux = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, jnp.ones((2, 8), jnp.int32))
@@ -211,3 +217,16 @@ def test_remat_policies_change_memory_not_gradients(remat):
   assert not plain and wrapped
   for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(rematted)):  # recomputation reorders float sums
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("platform, dtype, expected", [
+    ("gpu", jnp.bfloat16, "cudnn"), ("gpu", jnp.float16, "cudnn"), ("gpu", jnp.float32, "xla"),
+    ("tpu", jnp.bfloat16, "xla"), ("cpu", jnp.bfloat16, "xla")])
+def test_auto_attention_follows_the_compile_target_and_the_compute_dtype(platform, dtype, expected):
+  """`auto` is chosen for the platform being compiled for (an AOT compile for TPU from a CPU
+  host chooses as a TPU would), and never cuDNN for a float32 model, which cuDNN rejects."""
+  with target.compile_for(platform):
+    assert resolve_implementation("auto", dtype) == expected
+    assert resolve_implementation("xla", dtype) == "xla"
+    with pytest.raises(NotImplementedError, match="splash"):
+      resolve_implementation("splash", dtype)

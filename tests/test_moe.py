@@ -7,10 +7,12 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
-from configs import demo
+from sdlm_jax.config_files import repo_module
 from sdlm_jax.model.moe import MoE, batch_shards, ec_num_groups
 from sdlm_jax.parallel.rules import MESH_AXES, get_rules
 from tests.test_routing import ec_reference
+
+demo = repo_module("demo")
 
 
 def _cfg(router, group="sequence", shared=1, activation="softmax"):

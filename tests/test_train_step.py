@@ -3,14 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from configs import demo
+from sdlm_jax.config_files import repo_module
 from sdlm_jax.parallel.mesh import make_mesh
-from sdlm_jax.train.loop import global_batch
-from sdlm_jax.train.state import init_model
-from sdlm_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from sdlm_jax.train.step import make_train_step
+from sdlm_jax.train import program as program_lib
+
+demo = repo_module("demo")
 
 
 def _setup(accum, lr=1e-3):
@@ -20,24 +18,16 @@ def _setup(accum, lr=1e-3):
   cfg.train.optimizer.warmup_steps = 0
   cfg.train.optimizer.schedule = "constant"
   cfg.train.optimizer.eps = 1.0  # Adam's first step is ~sign(g); a large eps keeps it linear in g
-  mesh = make_mesh(cfg.mesh)
-  graphdef, params, rest = nnx.split(init_model(cfg, mesh), nnx.Param, ...)
-  tx = make_optimizer(cfg.train.optimizer, cfg.train.num_steps)
-  step = make_train_step(graphdef, rest, tx, learning_rate_schedule(cfg.train.optimizer, 10), cfg, 4)
-  rng = np.random.default_rng(0)
-  shape = (cfg.train.batch_size, cfg.data.seq_len)
-  batch = global_batch({"tokens": rng.integers(5, cfg.model.vocab_size, shape, dtype=np.int32),
-                        "segment_ids": np.ones(shape, np.int32),
-                        "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()}, mesh)
-  return mesh, step, params, tx.init(params), batch
+  program = program_lib.build(cfg, make_mesh(cfg.mesh))
+  return program, program.synthetic_batch()
 
 
 def test_gradient_accumulation_matches_one_big_batch():
   results = []
   for accum in (1, 4):
-    mesh, step, params, opt_state, batch = _setup(accum)
-    with jax.set_mesh(mesh):
-      new_params, _, metrics = step(params, opt_state, batch, jnp.int32(0))
+    program, batch = _setup(accum)
+    with program.context():
+      new_params, _, metrics = program.step(program.params, program.opt_state, batch, jnp.int32(0))
     results.append((jax.device_get(new_params), float(metrics["loss"]), float(metrics["grad_norm"])))
   (p1, l1, g1), (p4, l4, g4) = results
   assert abs(l1 - l4) < 1e-5 and abs(g1 - g4) / g1 < 1e-4
@@ -46,12 +36,12 @@ def test_gradient_accumulation_matches_one_big_batch():
 
 
 def test_a_non_finite_step_leaves_the_state_untouched():
-  mesh, step, params, opt_state, batch = _setup(1, lr=1e-3)
-  before = jax.device_get((params, opt_state))
+  program, batch = _setup(1, lr=1e-3)
+  before = jax.device_get((program.params, program.opt_state))
   bad = dict(batch)
   bad["tokens"] = batch["tokens"].at[0, 3].set(10_000)  # out of vocabulary: the embedding gather gives NaN
-  with jax.set_mesh(mesh):
-    new_params, new_opt_state, metrics = step(params, opt_state, bad, jnp.int32(0))
+  with program.context():
+    new_params, new_opt_state, metrics = program.step(program.params, program.opt_state, bad, jnp.int32(0))
   assert not np.isfinite(float(metrics["total_loss"]))
   after = jax.device_get((new_params, new_opt_state))
   for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):

@@ -1,7 +1,7 @@
 """OpenMoE 2's 1.7B dense diffusion LM (the FLOPs match of the 8B-total EC MoE).
 
 28 layers, d 2048, 16 heads x 128, SwiGLU 6144, vocab 50289, untied: 1.73B parameters.
-Training setup in configs/openmoe2/common.py (100B tokens at 256 x 2048 per step).
+Training setup in sdlm_jax/recipes.py (100B tokens at 256 x 2048 per step).
 
 Fit check and step-time estimate on a CPU host (see README, "AOT fit check"):
   sdlm-aot --config configs/openmoe2/dense_1b7.py --topology v5p-128
@@ -10,8 +10,8 @@ Train on a TPU slice (launch/tpu/tpu.sh runs this on every worker):
       --config.data.source=array_record --config.data.paths='/data/corpus/*.arrayrecord'
 """
 
-from configs.openmoe2 import common
+from sdlm_jax import recipes
 
 
 def get_config(arg: str = ""):
-  return common.finish(common.dense_1b7(), arg)
+  return recipes.finish(recipes.dense_1b7(), arg)

@@ -2,16 +2,16 @@
 
 32 layers, d 4096, 32 heads x 128, SwiGLU 14336, vocab 50289, untied: 8.19B parameters.
 The seeds give no shape for it; this is the common 8B shape (as Llama 3 8B without GQA).
-Training setup in configs/openmoe2/common.py.
+Training setup in sdlm_jax/recipes.py.
 
   sdlm-aot --config configs/openmoe2/dense_8b.py --topology v5p-128
 """
 
-from configs.openmoe2 import common
+from sdlm_jax import recipes
 
 
 def get_config(arg: str = ""):
-  c = common.dense_1b7()
+  c = recipes.dense_1b7()
   m = c.model
   m.num_layers = 32
   m.d_model = 4096
@@ -19,4 +19,4 @@ def get_config(arg: str = ""):
   m.num_kv_heads = 32
   m.head_dim = 128
   m.mlp_dim = 14336
-  return common.finish(c, arg)
+  return recipes.finish(c, arg)

@@ -13,11 +13,11 @@ width; 640 (a multiple of 128, for the MXU) is ours, chosen for ~8B total and ~1
 Variants are overrides, e.g. sequence-level routing: --config.model.moe.ec_group=sequence
 """
 
-from configs.openmoe2 import common
+from sdlm_jax import recipes
 
 
 def get_config(arg: str = ""):
-  c = common.dense_1b7()
+  c = recipes.dense_1b7()
   moe = c.model.moe
   moe.num_experts = 64
   moe.expert_mlp_dim = 640
@@ -29,4 +29,4 @@ def get_config(arg: str = ""):
   moe.first_k_dense = 0
   moe.load_balance_weight = 0.0
   moe.z_loss_weight = 0.0
-  return common.finish(c, arg)
+  return recipes.finish(c, arg)

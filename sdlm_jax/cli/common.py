@@ -1,12 +1,8 @@
 """Flags shared by the command-line entry points."""
 
-import os
-
 from absl import flags, logging
 
-# The repo's configs/ folder (present in a source checkout and with `pip install -e .`).
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
-DEMO_CONFIG = os.path.join(CONFIG_DIR, "demo.py")
+from sdlm_jax.config_files import DEMO as DEMO_CONFIG  # noqa: F401 (sdlm-train's default --config)
 
 
 def define_workdir(default=None, required=False):

@@ -18,9 +18,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.quiet_logs()
+  from sdlm_jax.train import restore  # pylint: disable=import-outside-toplevel
   from sdlm_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   from sdlm_jax.train import evaluate  # pylint: disable=import-outside-toplevel
-  cfg, tokenizer, model, step = workdir_lib.load_trained_model(_WORKDIR.value)
+  cfg, tokenizer, model, step = restore.load_trained_model(_WORKDIR.value)
   if _NUM_BATCHES.value is not None:
     cfg.eval.num_batches = _NUM_BATCHES.value
   if _NUM_T.value is not None:

@@ -30,10 +30,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.quiet_logs()
   import jax  # pylint: disable=import-outside-toplevel
-  from sdlm_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from sdlm_jax.train import restore  # pylint: disable=import-outside-toplevel
   from sdlm_jax.diffusion import sampler  # pylint: disable=import-outside-toplevel
 
-  cfg, tokenizer, model, step = workdir_lib.load_trained_model(_WORKDIR.value)
+  cfg, tokenizer, model, step = restore.load_trained_model(_WORKDIR.value)
   s = cfg.sample
   prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in _PROMPTS.value]
   outputs = sampler.generate(

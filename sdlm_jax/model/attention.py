@@ -4,15 +4,18 @@ A query attends only to keys of its own segment. Padding (segment id 0) attends 
 so a padding query always sees at least itself and never produces NaN. `causal` adds the AR
 baseline's causal mask through the kernel's own flag (cuDNN then skips the masked blocks).
 
-One dispatch point picks the kernel: `auto` is cuDNN on GPU and XLA elsewhere, TPU included.
-A Pallas splash-attention path for TPU is future work: `splash` raises rather than running
-something else.
+One dispatch point picks the kernel for the platform the code is compiled for
+(`pallas_kernels.target`, so an ahead-of-time compile for a TPU from a CPU host chooses as a
+TPU would): `auto` is cuDNN on GPU when the compute dtype is bfloat16 or float16 (cuDNN's
+fused attention takes no float32) and XLA otherwise, TPU included. A Pallas splash-attention
+path for TPU is future work: `splash` raises rather than running something else.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import target
 from sdlm_jax.model.layers import RMSNorm, apply_rope, dtype_of, param
 from sdlm_jax.parallel.sharding import constrain
 
@@ -21,8 +24,12 @@ _ACT_BLHK = ("activation_batch", "activation_length", "activation_heads", None)
 _ACT_BLGK = ("activation_batch", "activation_length", "activation_kv_heads", None)
 
 
-def resolve_implementation(name: str) -> str:
-  """The `jax.nn.dot_product_attention` implementation that `model.attention=name` means here."""
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def resolve_implementation(name: str, dtype=jnp.bfloat16) -> str:
+  """The `jax.nn.dot_product_attention` implementation that `model.attention=name` means on the
+  target platform for compute dtype `dtype`."""
   if name not in IMPLEMENTATIONS:
     raise ValueError(f"model.attention={name!r}; allowed values: {', '.join(IMPLEMENTATIONS)}")
   if name == "splash":
@@ -30,7 +37,7 @@ def resolve_implementation(name: str) -> str:
         "model.attention='splash' (Pallas splash attention for TPU) is not implemented yet; "
         "use 'auto' or 'xla' (XLA attention runs on TPU)")
   if name == "auto":
-    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return "cudnn" if target.platform() == "gpu" and jnp.dtype(dtype) in CUDNN_DTYPES else "xla"
   return name
 
 
@@ -62,7 +69,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
     """segment_ids_BxL=None means one document per row (no mask beyond `causal`)."""
-    implementation = resolve_implementation(self.implementation)
+    implementation = resolve_implementation(self.implementation, self.dtype)
     dt = self.dtype
     x_BxLxD = x_BxLxD.astype(dt)
     q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(dt))

@@ -20,6 +20,7 @@ from sdlm_jax.model.attention import Attention
 from sdlm_jax.model.layers import ACT_BLD, RMSNorm, dtype_of, param
 from sdlm_jax.model.mlp import SwiGLU
 from sdlm_jax.model.moe import MoE
+from sdlm_jax.model.stacks import layer_stacks
 from sdlm_jax.parallel.sharding import constrain
 
 _POLICIES = jax.checkpoint_policies
@@ -31,17 +32,6 @@ REMAT_POLICIES = {
     "save_dots_no_batch": _POLICIES.dots_with_no_batch_dims_saveable,  # ... except batched ones (attention, experts)
     "offload": _POLICIES.offload_dot_with_no_batch_dims("device", "pinned_host"),  # those, in host memory
 }
-
-
-def is_moe_layer(cfg, layer: int) -> bool:
-  """Layer `layer` (0-based) uses an MoE FFN: experts exist and it is past the first_k_dense."""
-  return cfg.moe.num_experts > 0 and layer >= cfg.moe.first_k_dense
-
-
-def layer_stacks(cfg) -> list[tuple[int, bool]]:
-  """(number of layers, is MoE) of each stack, in order; empty stacks are left out."""
-  num_moe = sum(is_moe_layer(cfg, i) for i in range(cfg.num_layers))
-  return [(n, moe) for n, moe in ((cfg.num_layers - num_moe, False), (num_moe, True)) if n]
 
 
 class Block(nnx.Module):
@@ -159,6 +149,7 @@ class Transformer(nnx.Module):
     (losses, stats), = router_outs  # MoE layers form one stack
     layer_mean = lambda x: jnp.mean(x, axis=0).astype(jnp.float32)
     router = {key: layer_mean(v) for key, v in stats.items()}
+    router["expert_load_per_layer"] = stats["expert_load"].astype(jnp.float32)  # [MoE layers, E]
     router.update({key: layer_mean(v) for key, v in losses.items()})
     aux_loss = jnp.sum(moe.load_balance_weight * losses["load_balance_loss"] + moe.z_loss_weight * losses["z_loss"])
     return {"aux_loss": aux_loss.astype(jnp.float32), "router": router}

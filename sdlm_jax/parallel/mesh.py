@@ -9,14 +9,16 @@ with `mesh_utils.create_hybrid_device_mesh`, so every axis whose dcn size is 1 s
 slice; keep the chatty axes (model, expert, fsdp) there and put data across slices.
 """
 
+import contextlib
 import math
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType
 
-from sdlm_jax.parallel.rules import MESH_AXES
+from sdlm_jax.parallel.rules import MESH_AXES, get_rules
 
 DCN_FIELDS = tuple(f"dcn_{a}" for a in MESH_AXES)
 
@@ -74,3 +76,14 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   else:
     grid = np.asarray(devices).reshape(ici)
   return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: jax.sharding.Mesh, rules: str = "default"):
+  """The mesh and the logical-axis rule set (`mesh.rules`) that sharded code runs under.
+
+  Building a model with logical axis names, tracing the train step and initialising state on
+  its shards all need both; this is the one place that enters them.
+  """
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules(rules)):
+    yield

@@ -13,9 +13,7 @@ is computed and costed as dense over all E experts, E times the expert FLOPs). T
 overhead, not what the model asks for: the analytic count is the target for the TPU/GPU kernels.
 """
 
-
-def _is_moe(m, layer: int) -> bool:
-  return m.moe.num_experts > 0 and layer >= m.moe.first_k_dense
+from sdlm_jax.model.stacks import is_moe_layer
 
 
 def _attention_params(m) -> int:
@@ -48,7 +46,7 @@ def param_counts(m) -> dict:
   shared = embedding + (0 if m.tie_embeddings else embedding) + _norm_params(m)
   total, active = shared, shared
   for layer in range(m.num_layers):
-    moe_layer = _is_moe(m, layer)
+    moe_layer = is_moe_layer(m, layer)
     total += _attention_params(m) + _ffn_params(m, moe_layer, None)
     active += _attention_params(m) + _ffn_params(m, moe_layer, m.moe.top_k)
   return {"total": total, "active": active, "embedding": embedding}
@@ -60,7 +58,7 @@ def flops_per_token(m, seq_len: int, training: bool = True) -> float:
   (forward + backward)."""
   matmul_params = m.vocab_size * m.d_model  # the LM head, tied or not
   for layer in range(m.num_layers):
-    matmul_params += _attention_params(m) + _ffn_params(m, _is_moe(m, layer), m.moe.top_k)
+    matmul_params += _attention_params(m) + _ffn_params(m, is_moe_layer(m, layer), m.moe.top_k)
   attention = m.num_layers * 4 * seq_len * m.num_heads * m.head_dim
   forward = 2 * matmul_params + attention
   return 3.0 * forward if training else float(forward)

@@ -11,46 +11,35 @@ import os
 import time
 
 import jax
-import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from clu import parameter_overview
 from tqdm import tqdm
 
 from sdlm_jax import config as config_lib
 from sdlm_jax import workdir as workdir_lib
 from sdlm_jax.data import pipeline
 from sdlm_jax.parallel.mesh import make_mesh, num_slices_of
-from sdlm_jax.parallel.rules import BATCH_MESH_AXES, get_rules
+from sdlm_jax.scaling.flops import flops_per_token
 from sdlm_jax.train import evaluate
-from sdlm_jax.train import state as state_lib
+from sdlm_jax.train import program as program_lib
 from sdlm_jax.train.checkpoint import Checkpointer, agreed_latest_step, gather_process_states, own_process_state
-from sdlm_jax.train.metrics import MetricsWriter, first_nonfinite, summarize
-from sdlm_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from sdlm_jax.train.step import make_train_step
-
+from sdlm_jax.train.metrics import MetricsWriter, first_nonfinite, peak_flops_per_device, summarize
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN/Inf; the run stops without checkpointing the bad state."""
 
 
-def global_batch(local_batch: dict, mesh) -> dict:
-  """Assembles each process's slice of the batch into one array sharded over the batch axes."""
-  sharding = NamedSharding(mesh, P(BATCH_MESH_AXES))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
-
-
 class _Pending:
   """Per-step metrics still on device, fetched together at log/checkpoint time."""
 
-  def __init__(self):
+  def __init__(self, tokens_per_step: int, flops_per_step: float):
     self.items: list[tuple[int, dict]] = []
-    self.tokens = 0
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_step = flops_per_step  # analytic model FLOPs of one step, all devices
     self.since = time.perf_counter()
 
-  def add(self, step, metrics, tokens):
+  def add(self, step, metrics):
     self.items.append((step, metrics))
-    self.tokens += tokens
 
   def _fetch(self):
     """Host copies of the pending metrics; raises NonFiniteLossError at the first bad step."""
@@ -72,10 +61,16 @@ class _Pending:
     if not self.items:
       return None
     host = self._fetch()
-    elapsed = time.perf_counter() - self.since
+    step_time = (time.perf_counter() - self.since) / len(self.items)
     out = summarize(host)
-    out["tokens_per_sec"] = self.tokens / max(elapsed, 1e-9)
-    self.items, self.tokens, self.since = [], 0, time.perf_counter()
+    out["step_time_s"] = step_time
+    out["tokens_per_sec"] = self.tokens_per_step / max(step_time, 1e-9)
+    achieved = self.flops_per_step / jax.device_count() / max(step_time, 1e-9)
+    out["model_tflops_per_sec_per_device"] = achieved / 1e12
+    peak = peak_flops_per_device()
+    if peak:
+      out["mfu"] = achieved / peak
+    self.items, self.since = [], time.perf_counter()
     return out
 
 
@@ -85,13 +80,10 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   cfg = cfg.copy_and_resolve_references()
   cfg.data.data_dir = os.path.abspath(cfg.data.data_dir)  # config.json must work from any directory
   is_main = jax.process_index() == 0
-  mesh = make_mesh(cfg.mesh)
   tokenizer, _ = pipeline.prepare(cfg.data, cfg.model.vocab_size)
   if is_main:
     workdir_lib.save_run_files(workdir, cfg, tokenizer)
 
-  optimizer = make_optimizer(cfg.train.optimizer, cfg.train.num_steps)
-  lr_schedule = learning_rate_schedule(cfg.train.optimizer, cfg.train.num_steps)
   local_batch = cfg.train.batch_size // jax.process_count()
   train_iter = pipeline.make_iterator(
       cfg.data, tokenizer, split="train", batch_size=local_batch, seed=cfg.seed,
@@ -100,31 +92,27 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
 
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   start_step = agreed_latest_step(ckpt)
-  if start_step:  # restore straight onto the shardings: no freshly initialised copy first
-    graphdef, params, rest = state_lib.abstract_model(cfg, mesh)
-    opt_state = state_lib.abstract_opt_state(optimizer, params, mesh)
-    params, opt_state, data_state, meta = ckpt.restore(start_step, params, opt_state)
+  # On resume the state is only described, then restored straight onto its shardings.
+  program = program_lib.build(cfg, make_mesh(cfg.mesh), abstract=bool(start_step))
+  if start_step:
+    program.params, program.opt_state, data_state, meta = ckpt.restore(start_step, program.params, program.opt_state)
     pipeline.restore_iterator(train_iter, own_process_state(data_state))
     print(f"Resumed from step {start_step} (data position restored, seed {meta['seed']}).", flush=True)
-  else:
-    graphdef, params, rest = nnx.split(state_lib.init_model(cfg, mesh), nnx.Param, ...)
-    opt_state = state_lib.init_opt_state(optimizer, params, mesh)
+  if is_main:
+    _write_param_overview(workdir, program.params)
   writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
 
-  step_fn = make_train_step(graphdef, rest, optimizer, lr_schedule, cfg, tokenizer.mask_id,
-                            state_shardings=state_lib.shardings_of((params, opt_state)))
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-  pending = _Pending()
+  pending = _Pending(tokens_per_step, flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step)
   bar = tqdm(total=cfg.train.num_steps, initial=start_step, disable=not (progress and is_main),
              desc="train", unit="step", dynamic_ncols=True)
   last = {}
   try:
-    # The step is traced here: activation constraints need the mesh and the logical rules.
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules(cfg.mesh.rules)):
+    with program.context():
       for step in range(start_step, cfg.train.num_steps):
-        batch = global_batch(next(train_iter), mesh)
-        params, opt_state, metrics = step_fn(params, opt_state, batch, step)
-        pending.add(step, metrics, tokens_per_step)
+        batch = program.global_batch(next(train_iter))
+        program.params, program.opt_state, metrics = program.step(program.params, program.opt_state, batch, step)
+        pending.add(step, metrics)
         done = step + 1
         is_last = done == cfg.train.num_steps
         if done % cfg.train.log_every == 0 or is_last:
@@ -134,11 +122,12 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
         if done % cfg.train.checkpoint_every == 0 or is_last:
           pending.check()  # never checkpoint a state whose losses were not checked
           data_states = gather_process_states(pipeline.iterator_state(train_iter))
-          ckpt.save(done, params, opt_state, {"per_process": data_states}, {"step": done, "seed": cfg.seed})
+          ckpt.save(done, program.params, program.opt_state, {"per_process": data_states},
+                    {"step": done, "seed": cfg.seed})
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and not is_last:
-          writer.write(done, _evaluate(cfg, graphdef, params, rest, tokenizer))
+          writer.write(done, evaluate.evaluate(cfg, program.model(), tokenizer))
         bar.update(1)
-      result = _evaluate(cfg, graphdef, params, rest, tokenizer)
+      result = evaluate.evaluate(cfg, program.model(), tokenizer)
       if start_step < cfg.train.num_steps:  # a finished run re-evaluates without re-logging
         writer.write(cfg.train.num_steps, result)
       if is_main:
@@ -151,5 +140,11 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   return result
 
 
-def _evaluate(cfg, graphdef, params, rest, tokenizer) -> dict:
-  return evaluate.evaluate(cfg, nnx.merge(graphdef, params, rest), tokenizer)
+def _write_param_overview(workdir: str, params):
+  """WORKDIR/params.txt: every param's name, shape, dtype and size (clu's table); the total is printed."""
+  pure = params.to_pure_dict()
+  table = parameter_overview.get_parameter_overview(pure, include_stats=False)
+  with open(os.path.join(workdir, "params.txt"), "w") as f:
+    f.write(table + "\n")
+  print(f"{parameter_overview.count_parameters(pure):,} parameters (per-param table in {workdir}/params.txt)",
+        flush=True)

@@ -8,7 +8,13 @@ import json
 import math
 import os
 
+import jax
 import numpy as np
+
+from pallas_kernels import target
+
+# Peak dense bf16 FLOP/s of GPUs by device kind (public spec sheets; TPU chips: pallas_kernels.target).
+_GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def summarize(step_metrics: list[dict]) -> dict:
@@ -32,6 +38,17 @@ def summarize(step_metrics: list[dict]) -> dict:
     for i, (s, c) in enumerate(zip(sums, counts)):
       out[f"loss_t{i / num:.2f}-{(i + 1) / num:.2f}"] = float(s / c) if c else None
   return out
+
+
+def peak_flops_per_device() -> float | None:
+  """Peak bf16 FLOP/s of one local accelerator, for MFU; None where unknown (CPU)."""
+  platform = jax.default_backend()
+  if platform == "tpu":
+    return target.chip().bf16_flops
+  if platform == "gpu":
+    kind = jax.devices()[0].device_kind
+    return next((peak for name, peak in _GPU_PEAK_FLOPS.items() if name in kind), None)
+  return None
 
 
 def first_nonfinite(step_metrics: list[dict], keys=("total_loss", "grad_norm")) -> int | None:
@@ -73,8 +90,11 @@ class MetricsWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     for k, v in metrics.items():
-      if isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+      if isinstance(v, (int, float)) and math.isfinite(v):
         self._tb.add_scalar(k, v, step)
+      elif k == "router/expert_load":  # one curve per expert (its share of routed slots, layer mean)
+        for e, share in enumerate(v):
+          self._tb.add_scalar(f"router/expert_load/{e:03d}", share, step)
     self._tb.flush()
 
   def close(self):

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sdlm_jax.model.transformer import Transformer
-from sdlm_jax.parallel.rules import get_rules
+from sdlm_jax.parallel.mesh import sharding_context
 
 
 def _init_rngs(cfg) -> nnx.Rngs:
@@ -26,7 +26,7 @@ def _build(cfg):
 
 def abstract_model(cfg, mesh):
   """(graphdef, abstract params, abstract rest): ShapeDtypeStructs carrying their NamedShardings."""
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules(cfg.mesh.rules)):
+  with sharding_context(mesh, cfg.mesh.rules):
     graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: _build(cfg)), nnx.Param, ...)
     shardings = nnx.get_named_sharding((params, rest), mesh)
   attach = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
@@ -42,7 +42,7 @@ def shardings_of(tree):
 def init_model(cfg, mesh) -> nnx.Module:
   """The model with freshly initialised params, each created on its own shards."""
   graphdef, params, rest = abstract_model(cfg, mesh)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules(cfg.mesh.rules)):
+  with sharding_context(mesh, cfg.mesh.rules):
     state = jax.jit(lambda: nnx.split(_build(cfg), nnx.Param, ...)[1:],
                     out_shardings=shardings_of((params, rest)))()
   return nnx.merge(graphdef, *state)
@@ -62,7 +62,7 @@ def opt_state_shardings(optimizer, params, mesh):
 
 def init_opt_state(optimizer, params, mesh):
   """optimizer.init(params) on device, laid out by opt_state_shardings."""
-  with jax.set_mesh(mesh):
+  with sharding_context(mesh):
     return jax.jit(optimizer.init, out_shardings=opt_state_shardings(optimizer, params, mesh))(params)
 
 

@@ -34,6 +34,11 @@ def make_loss_fn(graphdef, rest, diffusion_cfg, mask_id: int):
   return loss_fn
 
 
+def make_grad_fn(graphdef, rest, diffusion_cfg, mask_id: int):
+  """grad_fn(params, batch, rng) -> ((loss, metrics), grads of the loss w.r.t. params)."""
+  return jax.value_and_grad(make_loss_fn(graphdef, rest, diffusion_cfg, mask_id), has_aux=True)
+
+
 def _split_microbatches(batch, num_micro: int):
   return jax.tree.map(lambda x: x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:]), batch)
 
@@ -51,7 +56,7 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, lr_
   layout it came in with, so the donated buffers are reused and every step runs the same
   compiled program (None: let the compiler choose).
   """
-  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, rest, cfg.diffusion, mask_id), has_aux=True)
+  grad_fn = make_grad_fn(graphdef, rest, cfg.diffusion, mask_id)
   num_micro = cfg.train.grad_accum_steps
 
   def train_step(params, opt_state, batch, step):

@@ -1,5 +1,5 @@
-"""The training setup the OpenMoE 2 / Quokka seed models share (REFERENCE.md), and their
-dense 1.7B backbone. The files beside this one change only the FFN.
+"""The training setup the OpenMoE 2 / Quokka seed models share (docs/figures.md), and their
+dense 1.7B backbone. The config files under configs/openmoe2/ build on it and change only the FFN.
 
 Setup: sequence 2048, global batch 256 x 2048 tokens (0.5M), 100B tokens (190,735 steps),
 AdamW b=(0.9, 0.95), weight decay 0.1, clip 1.0, lr 2e-4, WSD schedule (2000 warmup steps,
@@ -13,7 +13,7 @@ The argument `smoke` shrinks any of these configs to a CPU run of a few seconds 
 exercises the same code path (same routers, same loss, scanned and rematerialised layers).
 """
 
-from configs.base import get_base_config
+from sdlm_jax.defaults import get_base_config
 
 TOKENS = 100_000_000_000
 SEQ_LEN = 2048

@@ -1,7 +1,8 @@
 """Shared defaults for every sdlm_jax config.
 
-Every config file in this folder starts from `get_base_config()` and overrides only what
-differs; a default lives here and nowhere else. The meaning of each field is documented
+Every config file (configs/*.py, loaded by path) starts from `get_base_config()` and
+overrides only what differs; a default lives here and nowhere else. Run directories written
+before a field existed are completed from here too (sdlm_jax.workdir). The meaning of each field is documented
 next to it. `sdlm_jax.config.validate` checks the whole tree at start-up and names any
 bad field together with the values it accepts.
 """

@@ -128,6 +128,20 @@ def test_isoflop_fit_recovers_the_generating_laws_frontier():
   assert [len(idx) for _, idx in fit.group_budgets(fit.Runs(n, d, loss))] == [9] * 9
 
 
+def test_isoflop_fit_refuses_minima_off_the_sweeps_edge():
+  truth = QUOKKA.parametric
+  n, d, c = [], [], []
+  for compute in (1e19, 1e20, 1e21):
+    n_opt, _ = truth.optimum(compute)
+    for factor in (3, 6, 12, 24):  # every size above the optimum: loss rises monotonically with N
+      n.append(n_opt * factor)
+      d.append(compute / (6 * n_opt * factor))
+      c.append(compute)
+  n, d, c = map(np.array, (n, d, c))
+  with pytest.raises(ValueError, match="outside the sizes run"):
+    fit.fit_isoflop(fit.Runs(n, d, truth.loss(n, d), budget=c))
+
+
 def _sdlm_scaling(*args):
   return subprocess.run([sys.executable, "-m", "sdlm_jax.cli.scaling", *args], cwd=REPO, capture_output=True,
                         text=True, timeout=300, check=False)

@@ -202,8 +202,9 @@ def _cmd_fit(args, parser):
         f"{fitted.level:.0%} percentile intervals)")
   rows = [[k, f"{getattr(law, k):.5g}", _interval(fitted, k, "{:.5g}")] for k in fit_lib.COEFFICIENTS]
   s = law.alpha + law.beta
-  rows.append(["n_exp", f"{law.beta / s:.4f}", _interval(fitted, "n_exp", "{:.4f}")])
-  rows.append(["d_exp", f"{law.alpha / s:.4f}", _interval(fitted, "d_exp", "{:.4f}")])
+  if s > 0:
+    rows.append(["n_exp", f"{law.beta / s:.4f}", _interval(fitted, "n_exp", "{:.4f}")])
+    rows.append(["d_exp", f"{law.alpha / s:.4f}", _interval(fitted, "d_exp", "{:.4f}")])
   print(_table(["coefficient", "value", "interval"], rows))
   print("n_exp, d_exp: the fitted law's compute-optimal N ~ C^n_exp, D ~ C^d_exp (C = 6ND)")
 

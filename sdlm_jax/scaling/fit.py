@@ -2,7 +2,7 @@
 
 Parametric (approach 3): L(N, D) = E + A/N^alpha + B/D^beta, fitted in log space as
   min over (a, b, e, alpha, beta) of  mean_i Huber_delta(LSE(a - alpha ln N_i, b - beta ln D_i, e) - ln L_i)
-with A = exp(a), B = exp(b), E = exp(e) and delta = 1e-3, by L-BFGS. The objective is
+with A = exp(a), B = exp(b), E = exp(e) and delta = 1e-3, by L-BFGS (alpha, beta >= 0). The objective is
 evaluated on Chinchilla's whole grid of starts (alpha, beta in 0..2 by 0.5, e in -1..1 by 0.5,
 a, b in 0..25 by 5: 4500 points) and L-BFGS is run from the `starts` best of them. Bootstrap
 intervals resample the runs with replacement and refit from the full fit's optimum; they are
@@ -10,7 +10,8 @@ percentile intervals.
 
 IsoFLOP (approach 2): runs are grouped by budget (the `budget` column when present, else by
 C = 6ND, a new group wherever sorted log10 C jumps by more than 0.15); per budget, a parabola
-in ln N (and one in ln D) through the losses gives the loss-optimal N (D); power laws
+in ln N (and one in ln D) through the losses gives the loss-optimal N (D), kept only when it
+lies within the sizes run (a minimum off the sweep's edge is an extrapolation); power laws
 N_opt = k C^a and D_opt = k' C^b are then fitted through those minima by least squares in log space.
 """
 
@@ -105,11 +106,14 @@ def _grid_starts(log_n, log_d, log_l, delta, count):
   return g[np.argsort(scores)[:count]]
 
 
+_BOUNDS = [(None, None)] * 3 + [(0.0, None)] * 2  # a, b, e free; alpha, beta >= 0 (loss falls with N and D)
+
+
 def _minimize(starts, log_n, log_d, log_l, delta):
   best = None
   for x0 in starts:
     res = optimize.minimize(_objective, x0, args=(log_n, log_d, log_l, delta), jac=True, method="L-BFGS-B",
-                            options={"maxiter": 10000, "ftol": 1e-14, "gtol": 1e-10})
+                            bounds=_BOUNDS, options={"maxiter": 10000, "ftol": 1e-14, "gtol": 1e-10})
     if best is None or res.fun < best.fun:
       best = res
   return best.x, float(best.fun)
@@ -158,8 +162,9 @@ def fit_parametric(params, tokens, loss, *, starts: int = 16, bootstrap: int = 2
     for i, k in enumerate(COEFFICIENTS):
       intervals[k] = tuple(np.percentile(samples[:, i], q))
     alpha, beta = samples[:, 2], samples[:, 4]
-    intervals["n_exp"] = tuple(np.percentile(beta / (alpha + beta), q))
-    intervals["d_exp"] = tuple(np.percentile(alpha / (alpha + beta), q))
+    with np.errstate(invalid="ignore"):  # alpha = beta = 0 (a flat fit) has no frontier: nan
+      intervals["n_exp"] = tuple(np.percentile(beta / (alpha + beta), q))
+      intervals["d_exp"] = tuple(np.percentile(alpha / (alpha + beta), q))
   return ParametricFit(law, objective, len(log_n), intervals, samples, level)
 
 
@@ -219,11 +224,15 @@ def fit_isoflop(runs: Runs) -> IsoflopFit:
     if xn is None or xd is None:
       skipped.append((compute, "the losses do not curve upward around a minimum"))
       continue
+    if not (np.log(n.min()) <= xn <= np.log(n.max()) and np.log(d.min()) <= xd <= np.log(d.max())):
+      skipped.append((compute, "the parabola's minimum lies outside the sizes run (an extrapolation)"))
+      continue
     budgets.append(IsoflopBudget(compute, n, d, l, pn, pd, float(np.exp(xn)), float(np.exp(xd)),
                                  float(np.polyval(pn, xn))))
   if len(budgets) < 2:
-    raise ValueError(f"{len(budgets)} usable IsoFLOP budget(s) (skipped: {skipped}); allowed values: >= 2 budgets "
-                     "of >= 3 model sizes each")
+    why = "; ".join(f"C = {c:.3g}: {reason}" for c, reason in skipped)
+    raise ValueError(f"{len(budgets)} usable IsoFLOP budget(s) ({why or 'no other budgets'}); allowed values: "
+                     ">= 2 budgets of >= 3 model sizes each, minimum inside the sizes run")
   log_c = np.log([b.compute for b in budgets])
   n_exp, n_log_coef = np.polyfit(log_c, np.log([b.params_opt for b in budgets]), 1)
   d_exp, d_log_coef = np.polyfit(log_c, np.log([b.tokens_opt for b in budgets]), 1)

@@ -41,6 +41,8 @@ class Parametric:
 
   def optimum(self, compute):
     """(N, D) minimising L on C = 6ND: N = G (C/6)^(beta/(alpha+beta)), G = (alpha A / (beta B))^(1/(alpha+beta))."""
+    if not (self.alpha > 0 and self.beta > 0):
+      raise ValueError(f"alpha={self.alpha}, beta={self.beta}: no compute-optimal frontier; allowed values: both > 0")
     s = self.alpha + self.beta
     g = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / s)
     n = g * np.power(np.asarray(compute, float) / FLOPS_PER_PARAM_TOKEN, self.beta / s)

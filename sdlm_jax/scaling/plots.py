@@ -52,7 +52,7 @@ def plot_frontier(iso, parametric, path: str, reference: laws.Law | None = None)
   if iso:
     f = iso.frontier
     curves.append((f.at_compute(c), "-", f"IsoFLOP fit: N ~ C^{f.n_exp:.3f}, D ~ C^{f.d_exp:.3f}"))
-  if parametric is not None:
+  if parametric is not None and parametric.alpha > 0 and parametric.beta > 0:
     curves.append((parametric.optimum(c), "--", "parametric fit's optimum"))
   if reference is not None:
     curves.append((reference.frontier.at_compute(c), ":", f"{reference.name} (published)"))

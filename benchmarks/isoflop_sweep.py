@@ -66,7 +66,8 @@ def main():
   parser.add_argument("--smoke", action="store_true", help=f"a minutes-long check: {SMOKE}")
   args = parser.parse_args()
   if args.smoke:
-    args.base, args.budgets, args.sizes, args.bootstrap = SMOKE["base"], SMOKE["budgets"], SMOKE["sizes"], SMOKE["bootstrap"]
+    args.base, args.budgets = SMOKE["base"], SMOKE["budgets"]
+    args.sizes, args.bootstrap = SMOKE["sizes"], SMOKE["bootstrap"]
     args.out = args.out if args.out != "runs/isoflop" else "runs/isoflop_smoke"
   os.chdir(REPO)  # the configs' data.data_dir is relative to the repository
   out = os.path.abspath(args.out)

@@ -160,7 +160,8 @@ def allocation(law: Law, compute: float) -> dict:
   """Compute-optimal N, D at C from the law's IsoFLOP frontier and from its parametric law,
   each with tokens per parameter and the parametric loss there."""
   rows = {}
-  for method, (n, d) in (("isoflop", law.frontier.at_compute(compute)), ("parametric", law.parametric.optimum(compute))):
+  methods = {"isoflop": law.frontier.at_compute(compute), "parametric": law.parametric.optimum(compute)}
+  for method, (n, d) in methods.items():
     n, d = float(n), float(d)
     rows[method] = {"params": n, "tokens": d, "tokens_per_param": d / n, "loss": float(law.parametric.loss(n, d)),
                     "compute": float(compute)}

@@ -32,6 +32,7 @@ setup(
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
         "gpu": [f"jax[cuda12]=={JAX_VERSION}"],
         "tfds": ["tensorflow-datasets>=4.9"],
+        "scaling": ["matplotlib>=3.7"],
     },
     entry_points={
         "console_scripts": [
@@ -39,6 +40,7 @@ setup(
             "sdlm-generate=sdlm_jax.cli.generate:run",
             "sdlm-eval=sdlm_jax.cli.evaluate:run",
             "sdlm-aot=sdlm_jax.cli.aot:run",
+            "sdlm-scaling=sdlm_jax.cli.scaling:run",
         ]
     },
 )

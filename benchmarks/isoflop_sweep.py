@@ -1,0 +1,110 @@
+"""IsoFLOP sweep of the demo family: plan, train every point with sdlm-train, fit and plot.
+
+  python benchmarks/isoflop_sweep.py [--budgets 1e15,3e15,1e16] [--sizes 4] [--out runs/isoflop]
+  python benchmarks/isoflop_sweep.py --smoke        # 2 tiny budgets x 3 sizes of the smoke model, minutes
+
+1. `sdlm-scaling isoflop` plans the sweep from configs/demo.py (sdlm_jax/scaling/plan.py: layers =
+   heads, d_model = layers x 64, FFN ratios of the demo; steps from the exact FLOPs count) and
+   writes one config per (budget, size) and sweep.json into OUT/configs.
+2. Each config is trained by the training entry point, `python -m sdlm_jax.cli.train --config
+   FILE --workdir OUT/runs/NAME` (an interrupted sweep resumes: finished runs are kept, a run
+   with checkpoints resumes from them).
+3. OUT/runs.csv gets one row per run: params (active), tokens, loss (the validation ELBO bound
+   in nats/token from eval.json), budget; then `sdlm-scaling fit` fits the parametric law and the
+   IsoFLOP power laws and writes OUT/isoflop.png and OUT/frontier.png.
+
+The default budgets put the Quokka prior's N_opt (1.1M-3.6M parameters) among the demo family's
+2-8 layer members (0.66M-26M), so the IsoFLOP curves can have their minimum inside the sweep.
+That is ~5.6e16 FLOPs in all: weeks at the demo's ~6e10 FLOP/s on the 2-core CPU machine, meant
+for an accelerator. The embedded Shakespeare corpus (~2M training tokens) is repeated many times
+at those budgets (the table's epochs column), which makes the sweep data-constrained rather than
+the compute-constrained setting the IsoFLOP method assumes: pass --data_paths to train on text
+files of your own (data.source=text_files). Not run here beyond --smoke.
+"""
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from sdlm_jax.cli import scaling as scaling_cli  # noqa: E402
+from sdlm_jax.scaling import plan  # noqa: E402
+
+SMOKE = {"base": "configs/demo.py:ec,smoke", "budgets": "1e11,3e11", "sizes": 3, "bootstrap": 20}
+
+
+def _train(config_path, workdir, overrides):
+  if os.path.exists(os.path.join(workdir, "eval.json")):
+    return
+  cmd = [sys.executable, "-m", "sdlm_jax.cli.train", "--config", config_path, "--workdir", workdir, *overrides]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+  if proc.returncode:
+    sys.exit(f"training {config_path} failed:\n{proc.stderr[-3000:]}")
+
+
+def _train_tokens(config_path):
+  """Tokens in the training split of the config's corpus (for the epochs column)."""
+  from sdlm_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  cfg = plan.load_config_file(config_path)
+  tokenizer, _ = pipeline.prepare(cfg.data, cfg.model.vocab_size)
+  return int(sum(pipeline.token_counts(cfg.data, tokenizer, "train")))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--base", default="configs/demo.py")
+  parser.add_argument("--budgets", default="1e15,3e15,1e16")
+  parser.add_argument("--sizes", type=int, default=4)
+  parser.add_argument("--out", default="runs/isoflop")
+  parser.add_argument("--bootstrap", type=int, default=200)
+  parser.add_argument("--data_paths", default="", help="train on these text files (data.source=text_files)")
+  parser.add_argument("--smoke", action="store_true", help=f"a minutes-long check: {SMOKE}")
+  args = parser.parse_args()
+  if args.smoke:
+    args.base, args.budgets = SMOKE["base"], SMOKE["budgets"]
+    args.sizes, args.bootstrap = SMOKE["sizes"], SMOKE["bootstrap"]
+    args.out = args.out if args.out != "runs/isoflop" else "runs/isoflop_smoke"
+  os.chdir(REPO)  # the configs' data.data_dir is relative to the repository
+  out = os.path.abspath(args.out)
+  config_dir = os.path.join(out, "configs")
+  scaling_cli.main(["isoflop", "--budgets", args.budgets, "--sizes", str(args.sizes), "--base", args.base,
+                    "--out", config_dir])
+  with open(os.path.join(config_dir, plan.MANIFEST)) as f:
+    points = json.load(f)["points"]
+  overrides = ["--config.data.source=text_files", f"--config.data.paths={args.data_paths}"] if args.data_paths else []
+
+  rows = []
+  for i, p in enumerate(points):
+    print(f"[{i + 1}/{len(points)}] training {p['name']} ({p['steps']} steps)", flush=True)
+    workdir = os.path.join(out, "runs", p["name"])
+    config_path = os.path.join(config_dir, p["config"])
+    extra = overrides + ([f"--config.train.checkpoint_every={p['steps']}"] if args.smoke else [])
+    _train(config_path, workdir, extra)
+    with open(os.path.join(workdir, "eval.json")) as f:
+      rows.append({**p, "loss": json.load(f)["val/nll_per_token"]})
+
+  corpus = None if args.data_paths else _train_tokens(os.path.join(config_dir, points[0]["config"]))
+  print(f"\n{'config':<14}{'params':>11}{'tokens':>12}{'epochs':>8}{'budget':>10}{'FLOPs':>11}{'loss':>8}")
+  for r in rows:
+    epochs = f"{r['tokens'] / corpus:.1f}" if corpus else "-"
+    print(f"{r['name']:<14}{r['params']:>11,}{r['tokens']:>12,}{epochs:>8}{r['budget']:>10.3g}{r['flops']:>11.4g}"
+          f"{r['loss']:>8.4f}")
+  runs_csv = os.path.join(out, "runs.csv")
+  with open(runs_csv, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["params", "tokens", "loss", "budget"])
+    w.writerows([r["params"], r["tokens"], r["loss"], r["budget"]] for r in rows)
+  print(f"wrote {runs_csv}\n")
+  try:
+    scaling_cli.main(["fit", "--runs", runs_csv, "--out", out, "--bootstrap", str(args.bootstrap)])
+  except SystemExit as err:  # too few or too flat runs for a fit: the table above still stands
+    print(f"fit not possible on these runs (exit {err.code})")
+
+
+if __name__ == "__main__":
+  main()

@@ -13,9 +13,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # tiny L-BFGS problems: BLAS
 import numpy as np
 import pytest
 
-from configs import demo
+from sdlm_jax.config_files import repo_module
 from sdlm_jax.scaling import fit, laws, plan
 from sdlm_jax.scaling.flops import flops_per_token, param_counts
+
+demo = repo_module("demo")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUOKKA, CHINCHILLA = laws.LAWS["quokka"], laws.LAWS["chinchilla"]

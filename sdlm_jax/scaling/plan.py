@@ -22,13 +22,14 @@ from it, so a file reads as the sweep point's whole difference from the defaults
 """
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
 
 import numpy as np
 
+from sdlm_jax import config_files
+from sdlm_jax.defaults import get_base_config
 from sdlm_jax.scaling import laws
 from sdlm_jax.scaling.flops import flops_per_token, param_counts
 
@@ -55,24 +56,13 @@ def hardware_compute(accelerator: str, days: float, mfu: float, num_slices: int 
 
 # ---------------------------------------------------------------- configs
 
-def get_base_config():
-  """The library's defaults (sdlm_jax.defaults, or configs/base.py before they moved there)."""
-  try:
-    from sdlm_jax.defaults import get_base_config as defaults  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    from configs.base import get_base_config as defaults  # pylint: disable=import-outside-toplevel
-  return defaults()
-
-
 def load_config_file(spec: str):
   """A config from 'FILE[:ARG]' the way sdlm-train's --config reads it: get_config(ARG)."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ValueError(f"--base={spec!r}: no such file; allowed values: a config file[:arg], e.g. configs/demo.py:dense")
-  module_spec = importlib.util.spec_from_file_location(f"_sdlm_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  try:
+    return config_files.load(spec)
+  except FileNotFoundError:
+    raise ValueError(f"--base={spec!r}: no such file; allowed values: a config file[:arg], "
+                     "e.g. configs/demo.py:dense") from None
 
 
 def _leaves(d: dict, prefix=()) -> dict:
@@ -87,10 +77,7 @@ def _leaves(d: dict, prefix=()) -> dict:
 
 _HEADER = '''"""{doc}"""
 
-try:
-  from sdlm_jax.defaults import get_base_config
-except ImportError:  # the defaults before they moved into the library
-  from configs.base import get_base_config
+from sdlm_jax.defaults import get_base_config
 
 
 def get_config(arg=None):

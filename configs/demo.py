@@ -40,6 +40,7 @@ def get_config(arg: str = "ec"):
   c.model.dtype = "float32"  # CPU matmuls are fastest in f32; TPU configs use bfloat16
   c.model.tie_embeddings = True
   c.model.remat = "none"     # a small model: activations fit, recomputing them only costs time
+  c.model.scan_layers = False  # 4 layers compile fast unrolled, and run ~15% faster on CPU than scanned
 
   c.model.moe.num_experts = 8
   c.model.moe.expert_mlp_dim = 256

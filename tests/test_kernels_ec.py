@@ -5,6 +5,8 @@ top-k per expert with ties to the lower token index, exact gathers, and a weight
 where several experts picking one token add up.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,3 +105,14 @@ def test_expert_choice_ops_are_xla_on_every_platform_and_say_so():
       pk.ec_combine(jnp.ones((3, 6, capacity, 8)), token_idx, jnp.ones((3, 6, capacity)), 40, backend=backend)
   with pytest.raises(ValueError, match="allowed values"):
     pk.ec_dispatch(jnp.ones((3, 40, 8)), token_idx, backend="cuda")
+
+
+def test_rows_move_as_lane_tiles_when_lowered_for_tpu_only():
+  """The [N, d/128, 128] view helps the TPU gather and costs the CPU: the lowering platform
+  picks it (so an AOT compile for TPU from a CPU host still gets the tiles)."""
+  x = jnp.zeros((2, 64, 256))
+  idx = jnp.zeros((2, 4, 8), jnp.int32)
+  traced = jax.jit(lambda x, i: pk.ec_dispatch(x, i)).trace(x, idx)
+  slices = {p: re.findall(r"slice_sizes = array<i64: ([\d, ]+)>", traced.lower(lowering_platforms=(p,)).as_text())
+            for p in ("tpu", "cpu")}
+  assert slices == {"tpu": ["1, 1, 2, 128"], "cpu": ["1, 1, 256"]}

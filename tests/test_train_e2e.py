@@ -4,12 +4,14 @@ import json
 import math
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2
 
 pytestmark = pytest.mark.slow
 
@@ -54,13 +56,18 @@ def test_train_writes_metrics_checkpoints_and_eval(tmp_path, data_dir, variant):
   train_records = [r for r in records if "loss" in r]
   assert [r["step"] for r in train_records] == list(range(1, 7))
   for r in train_records:
-    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "total_loss", "aux_loss"):
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "total_loss", "aux_loss", "step_time_s",
+                "model_tflops_per_sec_per_device"):
       assert math.isfinite(r[key]), (key, r)
+    assert "mfu" not in r  # no peak FLOP/s is known for a CPU
   if variant != "ar,smoke":
     r = train_records[-1]
     assert 0.0 <= r["router/frac_tokens_zero_experts"] <= 1.0
     assert r["router/experts_per_token_min"] <= r["router/experts_per_token_mean"] <= r["router/experts_per_token_max"]
     assert len(r["router/expert_load"]) == 4
+    load = np.asarray(r["router/expert_load_per_layer"])  # [MoE layers, experts], each layer's shares sum to 1
+    assert load.shape == (2, 4) and np.allclose(load.sum(1), 1.0, atol=1e-5)
+    assert {f"router/expert_load/{e:03d}" for e in range(4)} <= _tensorboard_tags(workdir)
     assert any(k.startswith("loss_t") for k in r)
   assert records[0]["lr"] == 0.0 or records[0]["lr"] < records[2]["lr"]  # warmup
   with open(os.path.join(workdir, "eval.json")) as f:
@@ -68,7 +75,25 @@ def test_train_writes_metrics_checkpoints_and_eval(tmp_path, data_dir, variant):
   assert ev["step"] == 6 and ev["val/unigram_ppl"] > 1
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
   assert os.path.exists(os.path.join(workdir, "config.json"))
-  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert {"loss", "step_time_s", "model_tflops_per_sec_per_device"} <= _tensorboard_tags(workdir)
+  with open(os.path.join(workdir, "params.txt")) as f:  # clu's parameter overview
+    assert "| embed " in f.read()
+
+
+def _tensorboard_tags(workdir) -> set[str]:
+  """Scalar tags in the run's TensorBoard event files (TFRecord framing: length, crc, event, crc)."""
+  tags = set()
+  folder = os.path.join(workdir, "tensorboard")
+  for name in os.listdir(folder):
+    with open(os.path.join(folder, name), "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      tags.update(value.tag for value in event.summary.value)
+      pos += 12 + length + 4
+  return tags
 
 
 def test_sigkill_resume_matches_uninterrupted_run_bitwise(tmp_path, data_dir):

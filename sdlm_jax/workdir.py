@@ -12,6 +12,8 @@ import shutil
 
 import ml_collections
 
+from sdlm_jax.errors import InputNotFoundError
+
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -55,7 +57,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   from configs.base import get_base_config  # pylint: disable=import-outside-toplevel
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir!r} a directory written by sdlm-train?")
+    raise InputNotFoundError(f"{path} not found: is {workdir!r} a directory written by sdlm-train?")
   with open(path) as f:
     saved = json.load(f)
   return ml_collections.ConfigDict(_fill_missing(saved, get_base_config().to_dict()))

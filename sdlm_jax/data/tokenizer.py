@@ -18,6 +18,7 @@ import os
 import sentencepiece as spm
 
 from sdlm_jax.data import files
+from sdlm_jax.errors import InputNotFoundError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID, NEWLINE_ID = 0, 1, 2, 3, 4, 5
 MASK_PIECE = "[MASK]"
@@ -41,7 +42,7 @@ class Tokenizer:
   @classmethod
   def load(cls, model_path: str) -> "Tokenizer":
     if not os.path.exists(model_path):
-      raise FileNotFoundError(f"tokenizer model {model_path} not found")
+      raise InputNotFoundError(f"tokenizer model {model_path} not found")
     return cls(model_path)
 
   @property

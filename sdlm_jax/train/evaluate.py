@@ -11,6 +11,7 @@ import numpy as np
 
 from sdlm_jax.data import pipeline
 from sdlm_jax.diffusion import likelihood
+from sdlm_jax.errors import DataFileError
 
 
 def validation_batches(cfg, tokenizer, batch_size: int, num_batches: int) -> list[dict]:
@@ -26,7 +27,7 @@ def validation_batches(cfg, tokenizer, batch_size: int, num_batches: int) -> lis
     if len(batches) == num_batches:
       break
   if not batches:
-    raise ValueError("the validation split is empty: raise data.val_fraction or add data")
+    raise DataFileError("the validation split is empty: raise data.val_fraction or add data")
   return batches
 
 

@@ -185,7 +185,7 @@ def estimate_cost(cfg, devices, chip: str) -> dict:
 def fit_report(cfg, tpu_slice: Slice, *, estimate: bool = True, devices=None) -> dict:
   """Compiles cfg's train step for the slice and returns the fit/speed figures (see module doc)."""
   devices = devices if devices is not None else slice_devices(tpu_slice)
-  config_lib.validate(cfg, len(devices), tpu_slice.hosts, num_slices_of(devices))
+  config_lib.validate(cfg, len(devices), tpu_slice.hosts, num_slices_of(devices), platform="tpu")
   chip = target.CHIPS[tpu_slice.chip]
   compiled = compile_train_step(cfg, devices, tpu_slice.chip)
   memory = hbm(compiled)

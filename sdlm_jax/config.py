@@ -2,47 +2,52 @@
 
 `validate(cfg, num_devices, process_count)` raises `ConfigError` naming the bad field and the
 values it accepts, so a typo in a 200-line override never surfaces as a shape error deep
-inside a jitted function.
+inside a jitted function. Every numeric field is range-checked and every float must be
+finite. The names a field accepts are defined once, by the module that implements them.
 """
 
 import math
 
+import jax
 import ml_collections
 
 from pallas_kernels import BACKENDS
+from sdlm_jax.data.corpus import DATA_SOURCES
+from sdlm_jax.diffusion.objectives import LOSS_NAMES as DIFFUSION_LOSSES
+from sdlm_jax.diffusion.sampler import REMASKING, check_settings
+from sdlm_jax.diffusion.schedules import SCHEDULE_NAMES as SCHEDULES
+from sdlm_jax.errors import UserInputError, check_choice, check_number
+from sdlm_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
+from sdlm_jax.model.layers import DTYPES
+from sdlm_jax.model.moe import EC_GROUPS, ROUTERS
+from sdlm_jax.model.routing import ACTIVATIONS as ROUTER_ACTIVATIONS
+from sdlm_jax.model.transformer import REMAT_POLICIES
 from sdlm_jax.parallel.mesh import mesh_shape
-from sdlm_jax.parallel.rules import RULE_SETS
+from sdlm_jax.parallel.rules import MESH_AXES, RULE_SETS
+from sdlm_jax.train.optimizer import LR_SCHEDULES
 
-ROUTERS = ("expert_choice", "token_choice")
-EC_GROUPS = ("sequence", "batch")
-ROUTER_ACTIVATIONS = ("softmax", "sigmoid")
-DTYPES = ("bfloat16", "float32", "float16")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
-REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "offload")
-DATA_SOURCES = ("shakespeare", "text_files", "array_record")
-LR_SCHEDULES = ("cosine", "wsd", "constant")
-REMASKING = ("low_confidence", "random")
-# Kept here (not imported from sdlm_jax.diffusion) so validation stays import-light;
-# tests/test_config.py checks they equal the names the diffusion modules accept.
-DIFFUSION_LOSSES = ("megadlm", "mdlm_elbo", "ar")
-SCHEDULES = ("linear", "poly2", "cosine")
+__all__ = ["ConfigError", "validate", "validate_eval", "validate_sample", "ATTENTION_IMPLS", "DATA_SOURCES",
+           "DIFFUSION_LOSSES", "DTYPES", "EC_GROUPS", "LR_SCHEDULES", "REMASKING", "REMAT_POLICIES",
+           "ROUTER_ACTIVATIONS", "ROUTERS", "SCHEDULES"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
   """A config field holds a value that cannot work."""
 
 
 def _one_of(name, value, allowed):
-  if value not in allowed:
-    raise ConfigError(f"{name}={value!r} is not supported; allowed values: {', '.join(map(str, allowed))}")
+  check_choice(name, value, tuple(allowed), error=ConfigError)
+
+
+def _number(name, value, **bounds):
+  check_number(name, value, error=ConfigError, **bounds)
 
 
 def _positive(name, value):
-  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-    raise ConfigError(f"{name}={value!r}; allowed values: an integer > 0")
+  _number(name, value, lo=0, lo_open=True, integer=True)
 
 
-def _check_model(m, seq_len):
+def _check_model(m, seq_len, platform):
   for f in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
     _positive(f"model.{f}", m[f])
   if m.vocab_size < 16:
@@ -51,14 +56,25 @@ def _check_model(m, seq_len):
     raise ConfigError(
         f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}; "
         "allowed values: num_kv_heads dividing num_heads")
+  if m.head_dim % 2:
+    raise ConfigError(f"model.head_dim={m.head_dim}; allowed values: an even integer (RoPE rotates pairs)")
+  for f in ("causal", "qk_norm", "tie_embeddings", "scan_layers"):
+    _one_of(f"model.{f}", m[f], (True, False))
+  _number("model.rope_theta", m.rope_theta, lo=0, lo_open=True)
+  _number("model.norm_eps", m.norm_eps, lo=0, lo_open=True)
+  _number("model.init_std", m.init_std, lo=0, lo_open=True)
   _one_of("model.dtype", m.dtype, DTYPES)
   _one_of("model.param_dtype", m.param_dtype, DTYPES)
+  if m.dtype == "float16" and platform == "cpu":
+    raise ConfigError("model.dtype='float16' is for GPU: the CPU backend has no float16 matmul; "
+                      "allowed values on CPU: float32, bfloat16")
   _one_of("model.attention", m.attention, ATTENTION_IMPLS)
   _one_of("model.remat", m.remat, REMAT_POLICIES)
-  _one_of("model.scan_layers", m.scan_layers, (True, False))
-  moe = m.moe
-  if moe.num_experts < 0:
-    raise ConfigError(f"model.moe.num_experts={moe.num_experts}; allowed values: 0 (dense) or a positive count")
+  _check_moe(m.moe, m.num_layers, seq_len)
+
+
+def _check_moe(moe, num_layers, seq_len):
+  _number("model.moe.num_experts", moe.num_experts, lo=0, integer=True, note="(0: dense)")
   if moe.num_experts == 0:
     return
   _one_of("model.moe.router", moe.router, ROUTERS)
@@ -71,14 +87,15 @@ def _check_model(m, seq_len):
         "expert_choice runs XLA top-k/gather/scatter: allowed values auto, xla")
   _positive("model.moe.expert_mlp_dim", moe.expert_mlp_dim)
   _positive("model.moe.top_k", moe.top_k)
-  if moe.router == "token_choice" and moe.top_k > moe.num_experts:
+  if moe.top_k > moe.num_experts:
     raise ConfigError(
         f"model.moe.top_k={moe.top_k} exceeds model.moe.num_experts={moe.num_experts}; "
-        f"allowed values: 1..{moe.num_experts} for token_choice")
-  if not 0 <= moe.first_k_dense <= m.num_layers:
-    raise ConfigError(f"model.moe.first_k_dense={moe.first_k_dense}; allowed values: 0..{m.num_layers}")
-  if moe.num_shared_experts < 0:
-    raise ConfigError(f"model.moe.num_shared_experts={moe.num_shared_experts}; allowed values: >= 0")
+        f"allowed values: 1..{moe.num_experts}")
+  _number("model.moe.first_k_dense", moe.first_k_dense, lo=0, hi=num_layers, integer=True)
+  _number("model.moe.num_shared_experts", moe.num_shared_experts, lo=0, integer=True)
+  _number("model.moe.routed_scaling_factor", moe.routed_scaling_factor, lo=0, lo_open=True)
+  _number("model.moe.load_balance_weight", moe.load_balance_weight, lo=0)
+  _number("model.moe.z_loss_weight", moe.z_loss_weight, lo=0)
   if moe.router == "expert_choice" and moe.ec_group == "sequence":
     capacity = seq_len * moe.top_k // moe.num_experts
     if capacity == 0:
@@ -95,10 +112,8 @@ def _check_diffusion(d, causal):
     raise ConfigError("diffusion.loss='ar' needs model.causal=True (the AR baseline is causal)")
   if d.loss != "ar" and causal:
     raise ConfigError(f"diffusion.loss={d.loss!r} needs model.causal=False (diffusion is bidirectional)")
-  if not 0.0 < d.t_min < 1.0:
-    raise ConfigError(f"diffusion.t_min={d.t_min}; allowed values: 0 < t_min < 1")
-  if not 0.0 <= d.random_length_prob <= 1.0:
-    raise ConfigError(f"diffusion.random_length_prob={d.random_length_prob}; allowed values: [0, 1]")
+  _number("diffusion.t_min", d.t_min, lo=0, hi=1, lo_open=True, hi_open=True)
+  _number("diffusion.random_length_prob", d.random_length_prob, lo=0, hi=1)
   _positive("diffusion.num_t_buckets", d.num_t_buckets)
 
 
@@ -106,28 +121,38 @@ def _check_data(data):
   _one_of("data.source", data.source, DATA_SOURCES)
   if data.source != "shakespeare" and not data.paths:
     raise ConfigError(f"data.paths is empty; data.source={data.source!r} needs comma-separated file globs")
-  if not isinstance(data.seq_len, int) or data.seq_len < 2:
-    raise ConfigError(f"data.seq_len={data.seq_len!r}; allowed values: an integer >= 2")
-  if not 0.0 < data.val_fraction < 1.0:
-    raise ConfigError(f"data.val_fraction={data.val_fraction}; allowed values: 0 < val_fraction < 1")
+  if not data.data_dir:
+    raise ConfigError("data.data_dir is empty; allowed values: a directory for the tokenizer and split caches")
+  _number("data.seq_len", data.seq_len, lo=2, integer=True)
+  _number("data.val_fraction", data.val_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
   if data.num_epochs == 0 or data.num_epochs < -1:
     raise ConfigError(f"data.num_epochs={data.num_epochs}; allowed values: -1 (forever) or >= 1")
+  _one_of("data.shuffle", data.shuffle, (True, False))
+  _positive("data.tokenizer_sample_chars", data.tokenizer_sample_chars)
+
+
+def _check_optimizer(o, num_steps):
+  _one_of("train.optimizer.schedule", o.schedule, LR_SCHEDULES)
+  _number("train.optimizer.lr", o.lr, lo=0, lo_open=True)
+  _number("train.optimizer.warmup_steps", o.warmup_steps, lo=0, hi=num_steps, integer=True,
+          note="(at most train.num_steps)")
+  _number("train.optimizer.decay_fraction", o.decay_fraction, lo=0, hi=1)
+  _number("train.optimizer.min_lr_ratio", o.min_lr_ratio, lo=0, hi=1)
+  _number("train.optimizer.b1", o.b1, lo=0, hi=1, hi_open=True)
+  _number("train.optimizer.b2", o.b2, lo=0, hi=1, hi_open=True)
+  _number("train.optimizer.eps", o.eps, lo=0, lo_open=True)
+  _number("train.optimizer.weight_decay", o.weight_decay, lo=0)
+  _number("train.optimizer.clip_norm", o.clip_norm, lo=0, note="(0: no clipping)")
 
 
 def _check_train(cfg, num_devices, process_count, num_slices):
   t = cfg.train
   for f in ("batch_size", "grad_accum_steps", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
     _positive(f"train.{f}", t[f])
-  _one_of("train.optimizer.schedule", t.optimizer.schedule, LR_SCHEDULES)
-  if t.optimizer.lr <= 0:
-    raise ConfigError(f"train.optimizer.lr={t.optimizer.lr}; allowed values: > 0")
-  if t.optimizer.warmup_steps < 0 or t.optimizer.warmup_steps > t.num_steps:
-    raise ConfigError(
-        f"train.optimizer.warmup_steps={t.optimizer.warmup_steps}; allowed values: 0..train.num_steps={t.num_steps}")
-  if not 0.0 <= t.optimizer.decay_fraction <= 1.0:
-    raise ConfigError(f"train.optimizer.decay_fraction={t.optimizer.decay_fraction}; allowed values: [0, 1]")
+  _number("train.eval_every", t.eval_every, lo=0, integer=True, note="(0: only at the end)")
+  _check_optimizer(t.optimizer, t.num_steps)
   _one_of("mesh.rules", cfg.mesh.rules, tuple(RULE_SETS))
-  sizes = dict(zip(("data", "fsdp", "expert", "model"), mesh_shape(cfg.mesh, num_devices, num_slices)))
+  sizes = dict(zip(MESH_AXES, mesh_shape(cfg.mesh, num_devices, num_slices)))
   batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
   divisor = math.lcm(batch_shards, process_count) * t.grad_accum_steps
   if t.batch_size % divisor:
@@ -149,24 +174,54 @@ def _check_train(cfg, num_devices, process_count, num_slices):
           "raise train.batch_size or model.moe.top_k")
 
 
-def _check_sample(s):
-  _one_of("sample.remasking", s.remasking, REMASKING)
-  _positive("sample.length", s.length)
-  _positive("sample.steps", s.steps)
-  if not 0.0 < s.top_p <= 1.0:
-    raise ConfigError(f"sample.top_p={s.top_p}; allowed values: 0 < top_p <= 1")
-  if s.temperature < 0:
-    raise ConfigError(f"sample.temperature={s.temperature}; allowed values: >= 0")
+def validate_eval(e: ml_collections.ConfigDict, prefix: str = "eval."):
+  """Checks the eval section; `prefix` names its fields (sdlm-eval passes "--" for its flags)."""
+  _positive(f"{prefix}num_batches", e.num_batches)
+  _positive(f"{prefix}num_t_samples", e.num_t_samples)
+  _number(f"{prefix}seed", e.seed, integer=True)
 
 
-def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1, process_count: int = 1, num_slices: int = 1):
-  """Raises ConfigError for the first field that cannot work; returns cfg otherwise."""
-  _check_model(cfg.model, cfg.data.seq_len)
+def validate_sample(s: ml_collections.ConfigDict, *, fewest_masks: int = 0, prefix: str = "sample."):
+  """Checks the sample section (the sampler's own rules, sampler.check_settings).
+
+  `prefix` names its fields (sdlm-generate passes "--" for its flags); `fewest_masks` is the
+  fewest [MASK]s in any prompt (a config has no prompts: 0, so sample.length >= 1).
+  """
+  try:
+    check_settings(length=s.length, steps=s.steps, block_size=s.block_size, temperature=s.temperature,
+                   top_p=s.top_p, remasking=s.remasking, cfg_scale=s.cfg_scale, fewest_masks=fewest_masks,
+                   prefix=prefix)
+  except UserInputError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _check_finite(node, path=""):
+  """The rule for every float field, including any without a range check above."""
+  for key, value in node.items():
+    name = f"{path}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      _check_finite(value, name + ".")
+    elif isinstance(value, float):
+      _number(name, value)
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1, process_count: int = 1, num_slices: int = 1,
+             platform: str | None = None):
+  """Raises ConfigError for the first field that cannot work; returns cfg otherwise.
+
+  `platform` is the backend the run will compile for (default: jax.default_backend()).
+  """
+  _number("seed", cfg.seed, integer=True)
+  _check_model(cfg.model, cfg.data.seq_len, platform or jax.default_backend())
   _check_diffusion(cfg.diffusion, cfg.model.causal)
   _check_data(cfg.data)
   try:
     _check_train(cfg, num_devices, process_count, num_slices)
+  except ConfigError:
+    raise
   except ValueError as e:  # mesh_shape errors name their field already
     raise ConfigError(str(e)) from None
-  _check_sample(cfg.sample)
+  validate_eval(cfg.eval)
+  validate_sample(cfg.sample)
+  _check_finite(cfg)
   return cfg

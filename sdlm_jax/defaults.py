@@ -88,7 +88,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   o.b2 = 0.95
   o.eps = 1e-8
   o.weight_decay = 0.1         # never applied to norms and biases
-  o.clip_norm = 1.0
+  o.clip_norm = 1.0            # global-norm gradient clipping (0: no clipping)
 
   # ---------------------------------------------------------------- evaluation
   e = c.eval = ml_collections.ConfigDict()

@@ -14,6 +14,7 @@ import ml_collections
 
 from sdlm_jax.data.tokenizer import Tokenizer
 from sdlm_jax.defaults import get_base_config
+from sdlm_jax.errors import InputNotFoundError
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -57,7 +58,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's resolved config; fields added since it was written get their old meaning."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir!r} a directory written by sdlm-train?")
+    raise InputNotFoundError(f"{path} not found: is {workdir!r} a directory written by sdlm-train?")
   with open(path) as f:
     saved = json.load(f)
   return ml_collections.ConfigDict(_fill_missing(saved, get_base_config().to_dict()))

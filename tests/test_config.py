@@ -1,10 +1,11 @@
 """Config loading and start-up validation: each bad field is named with its allowed values."""
 
+import math
+
 import pytest
 
 from sdlm_jax.config_files import repo_module
-from sdlm_jax import config as config_lib
-from sdlm_jax.config import ConfigError, validate
+from sdlm_jax.config import ConfigError, validate, validate_eval, validate_sample
 
 demo = repo_module("demo")
 
@@ -92,13 +93,108 @@ def test_bad_backend_and_remasking():
   assert "sample.remasking" in _bad(lambda c: setattr(c.sample, "remasking", "greedy"))
 
 
-def test_validation_names_match_the_modules_that_implement_them():
-  from sdlm_jax.diffusion import objectives, schedules  # pylint: disable=import-outside-toplevel
-  assert set(config_lib.SCHEDULES) == set(schedules.SCHEDULE_NAMES)
-  assert set(config_lib.DIFFUSION_LOSSES) == set(objectives.LOSS_NAMES)
-  from sdlm_jax.model import transformer  # pylint: disable=import-outside-toplevel
-  assert set(config_lib.REMAT_POLICIES) == set(transformer.REMAT_POLICIES)
-
-
 def test_bad_remat():
   assert "model.remat='some'" in _bad(lambda c: setattr(c.model, "remat", "some"))
+
+
+NAN, INF = math.nan, math.inf
+
+
+# (field, bad value, what the message must say it accepts); the demo "ec" config otherwise.
+OUT_OF_RANGE = [
+    ("train.optimizer.clip_norm", -1.0, "a finite number >= 0 (0: no clipping)"),
+    ("train.optimizer.min_lr_ratio", -1.0, "a finite number in [0, 1]"),
+    ("train.optimizer.b1", 1.5, "a finite number in [0, 1)"),
+    ("train.optimizer.b2", 1.0, "a finite number in [0, 1)"),
+    ("train.optimizer.eps", 0.0, "a finite number > 0"),
+    ("train.optimizer.weight_decay", -5.0, "a finite number >= 0"),
+    ("train.optimizer.lr", NAN, "a finite number > 0"),
+    ("train.optimizer.lr", INF, "a finite number > 0"),
+    ("train.optimizer.decay_fraction", NAN, "a finite number in [0, 1]"),
+    ("train.optimizer.warmup_steps", -1, "an integer in [0, 1000]"),
+    ("train.eval_every", -1, "an integer >= 0"),
+    ("model.init_std", -1.0, "a finite number > 0"),
+    ("model.rope_theta", 0.0, "a finite number > 0"),
+    ("model.norm_eps", 0.0, "a finite number > 0"),
+    ("model.head_dim", 33, "an even integer"),
+    ("model.moe.routed_scaling_factor", -1.0, "a finite number > 0"),
+    ("model.moe.load_balance_weight", -0.5, "a finite number >= 0"),
+    ("model.moe.z_loss_weight", NAN, "a finite number >= 0"),
+    ("model.moe.top_k", 9, "allowed values: 1..8"),  # expert choice: an error, not a clamp
+    ("model.moe.first_k_dense", 5, "an integer in [0, 4]"),
+    ("diffusion.t_min", NAN, "a finite number in (0, 1)"),
+    ("diffusion.random_length_prob", 1.5, "a finite number in [0, 1]"),
+    ("eval.num_t_samples", 0, "an integer > 0"),
+    ("eval.num_batches", 0, "an integer > 0"),
+    ("data.tokenizer_sample_chars", 0, "an integer > 0"),
+    ("data.val_fraction", INF, "a finite number in (0, 1)"),
+    ("sample.block_size", -1, "an integer >= 0"),
+    ("sample.block_size", 5, "does not divide sample.length=48"),
+    ("sample.steps", 47, "multiples of 6"),  # 48 / block_size 8 = 6 blocks
+    ("sample.steps", 49, "an integer in [1, 48]"),
+    ("sample.length", 0, "an integer >= 1"),
+    ("sample.cfg_scale", NAN, "a finite number >= 0"),
+    ("sample.cfg_scale", -1.0, "a finite number >= 0"),
+    ("sample.temperature", INF, "a finite number >= 0"),
+    ("sample.top_p", NAN, "a finite number in (0, 1]"),
+]
+
+
+def _set(cfg, field, value):
+  *sections, name = field.split(".")
+  node = cfg
+  for section in sections:
+    node = node[section]
+  node[name] = value
+
+
+@pytest.mark.parametrize("field, value, allowed", OUT_OF_RANGE)
+def test_out_of_range_field_is_named_with_its_allowed_values(field, value, allowed):
+  msg = _bad(lambda c: _set(c, field, value))
+  assert msg.startswith(f"{field}=") and allowed in msg, msg
+
+
+def test_token_choice_top_k_above_num_experts():
+  def mutate(c):
+    c.model.moe.router = "token_choice"
+    c.model.moe.top_k = 9
+  assert "model.moe.top_k=9 exceeds model.moe.num_experts=8" in _bad(mutate)
+
+
+def test_boundary_values_are_accepted():
+  cfg = demo.get_config("ec")
+  for field, value in (("train.optimizer.clip_norm", 0.0), ("train.optimizer.min_lr_ratio", 1.0),
+                       ("train.optimizer.b1", 0.0), ("train.optimizer.weight_decay", 0.0),
+                       ("model.moe.top_k", 8), ("sample.temperature", 0.0), ("sample.block_size", 0),
+                       ("train.eval_every", 0), ("data.tokenizer_sample_chars", 1)):
+    _set(cfg, field, value)
+  validate(cfg)
+
+
+def test_every_float_must_be_finite_even_without_a_range():
+  def mutate(c):
+    c.model.future_float = NAN  # a field no range check knows
+  assert _bad(mutate) == "model.future_float=nan; allowed values: a finite number"
+
+
+def test_float16_is_rejected_on_cpu_only():
+  cfg = demo.get_config("ec")
+  cfg.model.dtype = "float16"
+  for platform in ("cpu", None):  # None: jax.default_backend(), the CPU in tests
+    with pytest.raises(ConfigError, match="float16' is for GPU.*float32, bfloat16"):
+      validate(cfg, platform=platform)
+  validate(cfg, platform="gpu")
+
+
+def test_section_checks_take_the_names_of_their_flags():
+  cfg = demo.get_config("ec")
+  cfg.eval.num_t_samples = 0
+  with pytest.raises(ConfigError, match=r"^--num_t_samples=0; allowed values: an integer > 0$"):
+    validate_eval(cfg.eval, prefix="--")
+  cfg.sample.length = 0
+  with pytest.raises(ConfigError, match=r"^--length=0;"):
+    validate_sample(cfg.sample, prefix="--")
+  cfg.sample.steps = 2
+  validate_sample(cfg.sample, fewest_masks=2, prefix="--")  # infilling only: 2 masks, at most 2 steps
+  with pytest.raises(ConfigError, match=r"^--steps=2; allowed values: an integer in \[1, 1\]"):
+    validate_sample(cfg.sample, fewest_masks=1, prefix="--")

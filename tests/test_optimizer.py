@@ -48,3 +48,18 @@ def test_weight_decay_leaves_masked_params_alone():
   updates, _ = tx.update(zeros, tx.init(params), params)
   np.testing.assert_allclose(updates["w"], -0.5 * 0.1 * np.ones((2, 2)), rtol=1e-6)
   np.testing.assert_allclose(updates["norm"], 0.0)
+
+
+def test_clip_norm_zero_means_no_clipping():
+  params = {"w": jnp.ones((2, 2))}
+  grads = {"w": jnp.array([[3e3, -4e3], [1.0, 0.0]])}  # global norm ~5e3
+  opt = _opt(warmup_steps=0, schedule="constant", lr=0.5, weight_decay=0.0, eps=1e-3)
+  updates = {}
+  for clip in (0.0, 1.0):
+    tx = make_optimizer(_opt(**{**opt.to_dict(), "clip_norm": clip}), 10)
+    updates[clip], _ = tx.update(grads, tx.init(params), params)
+  # First Adam step, by hand: -lr * g / (|g| + eps) (bias-corrected moments are g and g^2).
+  g = np.asarray(grads["w"])
+  np.testing.assert_allclose(updates[0.0]["w"], -0.5 * g / (np.abs(g) + 1e-3), rtol=1e-5)
+  clipped = g / np.linalg.norm(g)  # clip_norm 1 shrinks g first: eps now weighs more
+  np.testing.assert_allclose(updates[1.0]["w"], -0.5 * clipped / (np.abs(clipped) + 1e-3), rtol=1e-5)

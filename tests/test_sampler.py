@@ -1,4 +1,6 @@
-"""The reverse process: commit order, blocks, EOS, top-p, guidance, and the batched padding mask."""
+"""The reverse process: commit order, blocks, EOS, infilling, top-p, guidance, the batched padding mask."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -208,6 +210,72 @@ def test_bad_arguments_are_named():
   for kw, name in ((dict(block_size=3), "block_size"), (dict(steps=5, block_size=4), "steps"),
                    (dict(steps=16), "steps"), (dict(remasking="confidence"), "remasking"),
                    (dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"),
-                   (dict(length=0), "length"), (dict(cfg_scale=-1.0), "cfg_scale")):
+                   (dict(length=0), "length"), (dict(cfg_scale=-1.0), "cfg_scale"),
+                   (dict(temperature=float("nan")), "temperature"), (dict(cfg_scale=float("inf")), "cfg_scale")):
     with pytest.raises(ValueError, match=name):
       _gen(CountingModel(), [[BOS]], **kw)
+
+
+def test_infilling_only_fills_the_prompt_masks_by_confidence():
+  # Masks at positions 1 and 3 (HEIGHT 9 and 1), 2 steps, nothing generated after the prompt:
+  # step 1 commits position 1 while 2 masks are left, step 2 position 3 with 1 left.
+  rows = sampler.complete(CountingModel(), [[BOS, MASK, 7, MASK]], length=0, steps=2, mask_id=MASK, eos_id=EOS,
+                          pad_id=PAD, rng=jax.random.key(0))
+  assert rows == [([BOS, 10 + 2, 7, 10 + 1], [])]
+
+
+def test_prompt_masks_join_the_first_block():
+  # Prompt [BOS, MASK, 7]; 8 generated positions (3..10) in 2 blocks of 4, 2 steps each.
+  # Block 1 = position 1 and positions 3..6: 5 candidates, 3 then 2 commits, by HEIGHT
+  # (1: 9, 3: 1, 4: 8, 5: 2, 6: 7): step 1 takes 1, 4, 6 with 9 masks left, step 2 takes 3, 5
+  # with 6 left. Block 2 (7: 4, 8: 6, 9: 10, 10: 0.5): 9 and 8 with 4 left, then 7 and 10 with 2.
+  rows = sampler.complete(CountingModel(), [[BOS, MASK, 7]], length=8, steps=4, block_size=4, mask_id=MASK,
+                          eos_id=EOS, pad_id=PAD, rng=jax.random.key(0))
+  assert rows == [([BOS, 19, 7], [16, 19, 16, 19, 12, 14, 14, 12])]
+
+
+def test_a_prompt_mask_never_becomes_eos_and_does_not_end_the_generation():
+  prompt = [BOS, 7, MASK]
+  rows = sampler.complete(CountingModel(eos_at=2), [prompt], length=LENGTH, steps=LENGTH, mask_id=MASK, eos_id=EOS,
+                          pad_id=PAD, rng=jax.random.key(0))
+  filled, continuation = rows[0]
+  assert filled[:2] == prompt[:2] and filled[2] not in (MASK, EOS, PAD)
+  assert len(continuation) == LENGTH and MASK not in continuation
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 0.5])
+def test_batched_infilling_decodes_each_prompt_as_if_alone(cfg_scale):
+  model = TinyAttentionModel(nnx.Rngs(0))
+  prompts = [[BOS, MASK, 12, MASK], [BOS, 13, MASK, 15, 16, 17, 18]]
+  kw = dict(length=3, steps=2, cfg_scale=cfg_scale, mask_id=MASK, eos_id=VOCAB + 1, pad_id=PAD,
+            rng=jax.random.key(0))
+  batched = sampler.complete(model, prompts, **kw)
+  assert batched == [sampler.complete(model, [p], **kw)[0] for p in prompts]
+  for (filled, continuation), prompt in zip(batched, prompts):
+    assert MASK not in filled and len(continuation) == 3
+    assert all(f == p for f, p in zip(filled, prompt) if p != MASK)  # given tokens are kept
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(block_size=2, temperature=2.0)])
+def test_progress_runs_the_same_steps_in_chunks(kw):
+  model = TinyAttentionModel(nnx.Rngs(0))
+  args = dict(length=8, steps=8, eos_id=VOCAB + 1, **kw)
+  TRACES.clear()
+  chunked = _gen(model, PROMPTS, progress=True, **args)
+  assert len(TRACES) == 1  # every chunk reuses the one compiled loop
+  assert chunked == _gen(model, PROMPTS, **args)
+  # An EOS that pads the rest ends the loop early in both.
+  assert _gen(CountingModel(eos_at=3), [[BOS]], progress=True) == _gen(CountingModel(eos_at=3), [[BOS]])
+
+
+def test_settings_are_named_with_the_callers_prefix():
+  good = dict(length=8, steps=8, block_size=0, temperature=0.0, top_p=1.0, remasking="random", cfg_scale=0.0)
+  for name, value, allowed in (("temperature", float("nan"), "a finite number >= 0"),
+                               ("cfg_scale", float("inf"), "a finite number >= 0"),
+                               ("top_p", float("nan"), "a finite number in (0, 1]"),
+                               ("length", 0, "an integer >= 1"), ("steps", 0, "an integer in [1, 8]")):
+    with pytest.raises(ValueError, match=rf"^--{name}={value}; allowed values: {re.escape(allowed)}"):
+      sampler.check_settings(**{**good, name: value}, prefix="--")
+  assert sampler.check_settings(**{**good, "length": 0, "steps": 3}, fewest_masks=3) == 3
+  with pytest.raises(ValueError, match="steps=4; allowed values: an integer in"):
+    sampler.check_settings(**{**good, "length": 0, "steps": 4}, fewest_masks=3)

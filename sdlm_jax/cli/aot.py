@@ -8,7 +8,9 @@ Compiles the real train step for the slice through libtpu (`pip install -e ".[tp
 prints HBM per chip, compiled vs analytic FLOPs, XLA's estimated step time with its MFU and
 tokens/s/chip, and the collectives (see sdlm_jax/aot.py). Exits with status 1 and says why
 when the config does not fit the slice's HBM, or is invalid for it (e.g. a batch the mesh
-cannot split). --noestimate skips the step-time estimate (a few more compiles).
+cannot split), or libtpu cannot load (another process holding its lock is named). A bad
+command line (unknown flag or config field, missing config file) is one line, status 2.
+--noestimate skips the step-time estimate (a few more compiles).
 """
 
 import os
@@ -19,11 +21,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
 from sdlm_jax.cli import common
+from sdlm_jax.cli import libtpu_lock
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
+PROG = "sdlm-aot"
+
+_CONFIG = common.define_config()
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: an accelerator type (v5p-128, v6e-64, v5litepod-16, "
                                 "v4-32) or a topology (v5p:4x4x4).", required=True)
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Number of such slices (multi-slice over DCN).")
@@ -47,6 +51,8 @@ def main(argv):
   try:
     devices = aot.slice_devices(tpu_slice)
   except (RuntimeError, ImportError) as err:
+    if libtpu_lock.is_lock_error(str(err)):
+      sys.exit(f"sdlm-aot: {libtpu_lock.explain(libtpu_lock.LOCK_FILE, libtpu_lock.holders())}")
     sys.exit(f"sdlm-aot: libtpu could not describe {tpu_slice.topology}: {err}\n"
              "(compiling for TPU needs libtpu: pip install -e \".[tpu]\")")
   print(f"compiling the train step for {tpu_slice.name} ...", flush=True)
@@ -67,7 +73,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  common.run_main(main, PROG)
 
 
 if __name__ == "__main__":

@@ -9,17 +9,59 @@ multi-process runs pass the coordinator explicitly:
   sdlm-train --distributed --coordinator_address=127.0.0.1:1234 --num_processes=2 --process_id=0 ...
 """
 
+import os
+import sys
+import threading
+
 from absl import app, flags
-from ml_collections import config_flags
 
 from sdlm_jax.cli import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", common.DEMO_CONFIG, "Config file[:arg].", lock_config=True)
+PROG = "sdlm-train"
+# jax's own initialization timeout ends the process with a C++ fatal error and no hint;
+# it is set this much later than --distributed_timeout so that the watchdog speaks first.
+_JAX_TIMEOUT_GRACE_S = 10
+
+_CONFIG = common.define_config(common.DEMO_CONFIG)
 _WORKDIR = common.define_workdir("runs/demo")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (auto on TPU pods).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (auto on TPU pods).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (auto on TPU pods).")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300, "Seconds to wait, with --distributed, for every process to join the "
+    "coordinator; past it the command stops with an error saying what to check.", lower_bound=1)
+
+
+def _stop(message: str):
+  sys.stderr.write(message + "\n")
+  sys.stderr.flush()
+  os._exit(2)  # pylint: disable=protected-access  # the main thread is blocked inside jax's connect
+
+
+def initialize_distributed(coordinator_address, num_processes, process_id, timeout_s: int):
+  """jax.distributed.initialize, or one line and exit status 2 if the processes do not all join in time.
+
+  Past its timeout jax aborts the process from C++ (no exception to catch), so a watchdog
+  thread ends it first. With --debug, jax's own error is shown instead.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+  if common.debug_requested():
+    jax.distributed.initialize(**kwargs, initialization_timeout=timeout_s)
+    return
+  where = f"the coordinator {coordinator_address}" if coordinator_address else "the auto-detected coordinator"
+  message = (f"{PROG}: error: not all {num_processes or 'expected'} processes joined {where} within "
+             f"--distributed_timeout={timeout_s} s: check that process 0 runs on that host and port, that every "
+             "process passes the same --coordinator_address and --num_processes and its own --process_id, and "
+             "that the port is reachable from here")
+  watchdog = threading.Timer(timeout_s, _stop, (message,))
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    jax.distributed.initialize(**kwargs, initialization_timeout=timeout_s + _JAX_TIMEOUT_GRACE_S)
+  finally:
+    watchdog.cancel()
 
 
 def main(argv):
@@ -27,16 +69,14 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.quiet_logs()
   if _DISTRIBUTED.value:
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED_TIMEOUT.value)
   from sdlm_jax.train import loop  # pylint: disable=import-outside-toplevel
   result = loop.train(_CONFIG.value, _WORKDIR.value)
   print(" ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)))
 
 
 def run():
-  app.run(main)
+  common.run_main(main, PROG)
 
 
 if __name__ == "__main__":

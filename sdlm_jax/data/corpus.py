@@ -21,6 +21,7 @@ import os
 import re
 
 from sdlm_jax.data import files
+from sdlm_jax.errors import DataFileError, InputNotFoundError
 
 DATA_SOURCES = ("shakespeare", "text_files", "array_record")
 MAX_DOC_CHARS = 6000
@@ -144,7 +145,7 @@ def _expand(paths: str) -> list[str]:
   found = sorted({f for p in patterns for f in glob.glob(os.path.expanduser(p), recursive=True)
                   if os.path.isfile(f)})
   if not found:
-    raise FileNotFoundError(f"data.paths={paths!r} matches no files")
+    raise InputNotFoundError(f"data.paths={paths!r} matches no files")
   return found
 
 
@@ -173,13 +174,20 @@ def _read_text(path: str) -> str:
 
 
 def read_records(path: str) -> list[str]:
-  """The records of an ArrayRecord file, decoded as UTF-8."""
+  """The records of an ArrayRecord file, decoded as UTF-8; DataFileError names a file that is not one."""
   from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
-  reader = array_record_module.ArrayRecordReader(path)
   try:
-    return [r.decode("utf-8") for r in reader.read_all()]
-  finally:
-    reader.close()
+    reader = array_record_module.ArrayRecordReader(path)
+    try:
+      return [r.decode("utf-8") for r in reader.read_all()]
+    finally:
+      reader.close()
+  except RuntimeError as e:  # array_record names the defect, not the file
+    raise DataFileError(f"{path} is not a readable ArrayRecord file ({e}); data.source='array_record' reads "
+                        "files written by array_record's ArrayRecordWriter, one UTF-8 document per record") from e
+  except UnicodeDecodeError as e:
+    raise DataFileError(f"{path}: a record is not UTF-8 text ({e}); data.source='array_record' expects one "
+                        "UTF-8 document per record") from e
 
 
 def load_documents(data_cfg) -> list[str]:
@@ -191,6 +199,6 @@ def load_documents(data_cfg) -> list[str]:
     headings = data_cfg.source == "shakespeare"
     docs = [d for p in paths for d in split_work(_read_text(p), headings=headings)]
   if not docs:
-    raise ValueError(f"data.source={data_cfg.source!r} with data.paths={data_cfg.paths!r} "
+    raise DataFileError(f"data.source={data_cfg.source!r} with data.paths={data_cfg.paths!r} "
                      "produced no documents (all files empty?)")
   return docs

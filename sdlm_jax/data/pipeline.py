@@ -30,6 +30,7 @@ from sdlm_jax.data import packing
 from sdlm_jax.data import splits
 from sdlm_jax.data import tokenizer as tokenizer_lib
 from sdlm_jax.data.tokenizer import Tokenizer
+from sdlm_jax.errors import DataFileError, UserInputError
 
 SPLITS = splits.SPLITS
 _READ_OPTIONS = grain.ReadOptions(num_threads=min(os.cpu_count() or 1, 4), prefetch_buffer_size=64)
@@ -56,12 +57,12 @@ def prepare(data_cfg, vocab_size: int) -> tuple[Tokenizer, dict[str, str]]:
     if train_docs is None:
       train_docs = corpus.read_records(paths["train"])
     if not train_docs:
-      raise ValueError(f"the training split is empty (data.val_fraction={data_cfg.val_fraction}); "
+      raise DataFileError(f"the training split is empty (data.val_fraction={data_cfg.val_fraction}); "
                        "lower data.val_fraction or add data")
     tokenizer = tokenizer_lib.load_or_train(
         data_cfg.data_dir, train_docs, vocab_size, data_cfg.tokenizer_sample_chars, fingerprint=key)
   if tokenizer.vocab_size > vocab_size:
-    raise ValueError(f"tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces but "
+    raise UserInputError(f"tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces but "
                      f"model.vocab_size={vocab_size}")
   return tokenizer, paths
 
@@ -104,10 +105,10 @@ def document_dataset(data_cfg, *, split: str, seed: int, process_index: int = 0,
   path = split_path(data_cfg, split)
   source = grain.sources.ArrayRecordDataSource(path)
   if len(source) == 0:
-    raise ValueError(f"the {split} split is empty (data.val_fraction={data_cfg.val_fraction}): {path}")
+    raise DataFileError(f"the {split} split is empty (data.val_fraction={data_cfg.val_fraction}): {path}")
   ds = grain.MapDataset.source(source)[process_index::process_count]
   if len(ds) == 0:
-    raise ValueError(f"the {split} split has {len(source)} documents, too few for {process_count} processes")
+    raise DataFileError(f"the {split} split has {len(source)} documents, too few for {process_count} processes")
   if data_cfg.shuffle if shuffle is None else shuffle:
     ds = ds.shuffle(seed=seed % (1 << 32))
   return ds.repeat(_epochs(num_epochs))

@@ -18,6 +18,7 @@ import os
 import sentencepiece as spm
 
 from sdlm_jax.data import files
+from sdlm_jax.errors import InputNotFoundError, UserInputError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID, NEWLINE_ID = 0, 1, 2, 3, 4, 5
 MASK_PIECE = "[MASK]"
@@ -35,13 +36,13 @@ class Tokenizer:
     self.model_path = model_path
     self._sp = spm.SentencePieceProcessor(model_file=model_path)
     if self._sp.piece_to_id(MASK_PIECE) != MASK_ID or self._sp.pad_id() != PAD_ID:
-      raise ValueError(f"{model_path}: pad/[MASK] are not ids {PAD_ID}/{MASK_ID}; "
+      raise UserInputError(f"{model_path}: pad/[MASK] are not ids {PAD_ID}/{MASK_ID}; "
                        "not a tokenizer made by sdlm_jax")
 
   @classmethod
   def load(cls, model_path: str) -> "Tokenizer":
     if not os.path.exists(model_path):
-      raise FileNotFoundError(f"tokenizer model {model_path} not found")
+      raise InputNotFoundError(f"tokenizer model {model_path} not found")
     return cls(model_path)
 
   @property

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sdlm_jax import progress as progress_lib
 from sdlm_jax.diffusion import corruption, losses
 from sdlm_jax.diffusion.schedules import get_schedule
 
@@ -55,15 +56,16 @@ def _per_token(nats: float, count: int) -> dict:
 
 
 def elbo_bound(model, batches, *, num_t_samples: int, seed: int, schedule_name: str, t_min: float,
-               mask_id: int) -> dict:
+               mask_id: int, progress: bool = False) -> dict:
   """ELBO NLL bound per real token over `batches` (dicts of tokens/segment_ids/positions, [B, L]).
 
   Returns dict(nll_per_token, ppl_bound = exp(nll_per_token), num_tokens). One compiled
   program per batch shape; the model's parameters are arguments, not constants.
+  `progress`: a bar over the batches on stderr.
   """
   graphdef, state = nnx.split(model)
   nats, count = 0.0, 0
-  for i, batch in enumerate(batches):
+  for i, batch in enumerate(progress_lib.bar(batches, desc="eval", unit="batch", enabled=progress)):
     b_nats, b_count = _elbo_nats(
         graphdef, state, jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"]),
         jnp.asarray(batch["positions"]), jax.random.fold_in(jax.random.key(seed), i),
@@ -82,15 +84,15 @@ def _ar_nats(graphdef, state, tokens_BxL, segment_ids_BxL, positions_BxL):
   return total, count
 
 
-def ar_nll(model, batches) -> dict:
+def ar_nll(model, batches, *, progress: bool = False) -> dict:
   """Exact next-token NLL of a causal model (the AR baseline's counterpart of the ELBO bound).
 
   Returns dict(nll_per_token, ppl, num_tokens); the first token of each document is not
-  predicted, so num_tokens counts predicted tokens.
+  predicted, so num_tokens counts predicted tokens. `progress`: a bar over the batches.
   """
   graphdef, state = nnx.split(model)
   nats, count = 0.0, 0
-  for batch in batches:
+  for batch in progress_lib.bar(batches, desc="eval", unit="batch", enabled=progress):
     b_nats, b_count = _ar_nats(graphdef, state, jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"]),
                                jnp.asarray(batch["positions"]))
     nats += float(b_nats)

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 ACT_BLD = ("activation_batch", "activation_length", "activation_embed")
+# Names model.dtype and model.param_dtype accept (float16 needs a GPU: the CPU backend has no float16 matmul).
+DTYPES = ("bfloat16", "float32", "float16")
 
 
 def dtype_of(name: str):

@@ -13,6 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from sdlm_jax.errors import InputNotFoundError
+
 
 def _abstract(tree):
   """Shape/dtype/sharding targets for a restore, taken from a live (initialised) tree."""
@@ -93,7 +95,7 @@ class Checkpointer:
   def restore_params(self, params, step=None):
     step = self.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}; train first with sdlm-train")
+      raise InputNotFoundError(f"no checkpoint in {self.directory}; train first with sdlm-train")
     out = self._manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(params))))
     return out["params"], step

@@ -11,6 +11,7 @@ import numpy as np
 
 from sdlm_jax.data import pipeline
 from sdlm_jax.diffusion import likelihood
+from sdlm_jax.errors import DataFileError
 
 
 def validation_batches(cfg, tokenizer, batch_size: int, num_batches: int) -> list[dict]:
@@ -26,19 +27,23 @@ def validation_batches(cfg, tokenizer, batch_size: int, num_batches: int) -> lis
     if len(batches) == num_batches:
       break
   if not batches:
-    raise ValueError("the validation split is empty: raise data.val_fraction or add data")
+    raise DataFileError("the validation split is empty: raise data.val_fraction or add data")
   return batches
 
 
-def evaluate(cfg, model, tokenizer) -> dict:
-  """ELBO perplexity bound (AR: exact perplexity) and unigram perplexity on the validation split."""
+def evaluate(cfg, model, tokenizer, *, progress: bool = False) -> dict:
+  """ELBO perplexity bound (AR: exact perplexity) and unigram perplexity on the validation split.
+
+  `progress`: a bar over the validation batches on stderr (sdlm-eval shows one).
+  """
   batches = validation_batches(cfg, tokenizer, cfg.train.batch_size, cfg.eval.num_batches)
   if cfg.diffusion.loss == "ar":
-    result = likelihood.ar_nll(model, batches)
+    result = likelihood.ar_nll(model, batches, progress=progress)
   else:
     result = likelihood.elbo_bound(
         model, batches, num_t_samples=cfg.eval.num_t_samples, seed=cfg.eval.seed,
-        schedule_name=cfg.diffusion.schedule, t_min=cfg.diffusion.t_min, mask_id=tokenizer.mask_id)
+        schedule_name=cfg.diffusion.schedule, t_min=cfg.diffusion.t_min, mask_id=tokenizer.mask_id,
+        progress=progress)
   val_tokens = np.concatenate([b["tokens"][b["segment_ids"] > 0] for b in batches])
   counts = pipeline.token_counts(cfg.data, tokenizer, "train")
   unigram = likelihood.unigram_perplexity(counts, val_tokens)

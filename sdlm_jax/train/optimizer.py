@@ -3,6 +3,8 @@
 import jax
 import optax
 
+LR_SCHEDULES = ("cosine", "wsd", "constant")
+
 
 def learning_rate_schedule(opt_cfg, num_steps: int) -> optax.Schedule:
   """Linear warmup, then cosine decay, WSD (stable, then linear decay) or constant."""
@@ -21,7 +23,7 @@ def learning_rate_schedule(opt_cfg, num_steps: int) -> optax.Schedule:
   elif opt_cfg.schedule == "constant":
     main_fn = optax.constant_schedule(peak)
   else:
-    raise ValueError(f"train.optimizer.schedule={opt_cfg.schedule!r}; allowed values: cosine, wsd, constant")
+    raise ValueError(f"train.optimizer.schedule={opt_cfg.schedule!r}; allowed values: {', '.join(LR_SCHEDULES)}")
   if warmup == 0:
     return main_fn
   return optax.join_schedules([warmup_fn, main_fn], [warmup])
@@ -36,8 +38,10 @@ def decay_mask(params):
 
 
 def make_optimizer(opt_cfg, num_steps: int) -> optax.GradientTransformation:
+  """AdamW after clipping the global gradient norm to clip_norm (0: no clipping)."""
+  clip = optax.clip_by_global_norm(opt_cfg.clip_norm) if opt_cfg.clip_norm > 0 else optax.identity()
   return optax.chain(
-      optax.clip_by_global_norm(opt_cfg.clip_norm),
+      clip,
       optax.adamw(
           learning_rate_schedule(opt_cfg, num_steps), b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
           weight_decay=opt_cfg.weight_decay, mask=decay_mask),

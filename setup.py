@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="Sparse (MoE) diffusion language models in JAX/Flax NNX, TPU-native.",
     packages=find_packages(include=["sdlm_jax", "sdlm_jax.*", "pallas_kernels", "pallas_kernels.*", "configs", "configs.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax 0.10.2, flax 0.12, grain and orbax need it
     install_requires=[
         f"jax=={JAX_VERSION}",
         f"jaxlib=={JAX_VERSION}",

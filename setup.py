@@ -26,9 +26,10 @@ setup(
         "tensorboardX>=2.6",
         "tqdm>=4.60",
         "numpy>=1.26",
+        "jaxtyping>=0.3.11",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "beartype>=0.23"],
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
         "gpu": [f"jax[cuda12]=={JAX_VERSION}"],
         "tfds": ["tensorflow-datasets>=4.9"],

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxtyping import Int, Real
 
 from sdlm_jax.diffusion import corruption, losses
 from sdlm_jax.diffusion.schedules import get_schedule
@@ -98,7 +99,7 @@ def ar_nll(model, batches) -> dict:
   return _per_token(nats, count)
 
 
-def unigram_perplexity(train_counts_V, val_tokens) -> float:
+def unigram_perplexity(train_counts_V: Real[np.ndarray, "V"], val_tokens: Int[np.ndarray, "..."]) -> float:
   """Perplexity on `val_tokens` of an add-one-smoothed unigram model fit on `train_counts_V`.
 
   p(v) = (count_v + 1) / (sum counts + V): the floor any language model must beat by far.

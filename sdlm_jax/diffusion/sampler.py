@@ -30,11 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 REMASKING = ("low_confidence", "random")
 
 
-def top_p_filter(logits_NxV, top_p: float):
+def top_p_filter(logits_NxV: Float[Array, "*N V"], top_p: float) -> Float[Array, "*N V"]:
   """Keeps the smallest set of most likely tokens whose probability reaches top_p; others -> -inf.
 
   Filters the last axis (any leading axes). The most likely token is always kept; ties at the
@@ -50,7 +51,8 @@ def top_p_filter(logits_NxV, top_p: float):
   return jnp.where(logits_NxV >= threshold_Nx1, logits_NxV, -jnp.inf)
 
 
-def commit_mask(score_BxT, candidate_BxT, count_B):
+def commit_mask(score_BxT: Float[Array, "B T"], candidate_BxT: Bool[Array, "B T"],
+                count_B: Int[Array, "B"]) -> Bool[Array, "B T"]:
   """The `count_B` highest-scoring candidates of each row (ties: leftmost first)."""
   score_BxT = jnp.where(candidate_BxT, score_BxT, -jnp.inf)
   order_BxT = jnp.argsort(-score_BxT, axis=-1, stable=True)
@@ -158,7 +160,7 @@ def _check_args(prompts, length, steps, block_size, temperature, top_p, remaskin
 
 def generate(model, prompts, *, length: int, steps: int, block_size: int = 0, temperature: float = 0.0,
              top_p: float = 1.0, remasking: str = "low_confidence", cfg_scale: float = 0.0, mask_id: int,
-             eos_id: int, pad_id: int, rng) -> list[list[int]]:
+             eos_id: int, pad_id: int, rng: PRNGKeyArray) -> list[list[int]]:
   """Generates up to `length` tokens after each prompt (a list of token ids).
 
   Returns one continuation per prompt, cut before its first EOS (EOS excluded).

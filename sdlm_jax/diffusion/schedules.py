@@ -10,9 +10,10 @@ Every weight diverges at t = 0, which is why the ELBO samples t >= diffusion.t_m
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
+from jaxtyping import ArrayLike, Float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +23,7 @@ class Schedule:
   alpha: Callable
   weight: Callable
 
-  def mask_prob(self, t):
+  def mask_prob(self, t: Float[ArrayLike, "*T"]) -> Float[ArrayLike, "*T"]:
     return 1.0 - self.alpha(t)
 
 

@@ -1,4 +1,4 @@
-"""The training setup the OpenMoE 2 / Quokka seed models share (REFERENCE.md), and their
+"""The training setup the OpenMoE 2 / Quokka seed models share (docs/figures.md), and their
 dense 1.7B backbone. The files beside this one change only the FFN.
 
 Setup: sequence 2048, global batch 256 x 2048 tokens (0.5M), 100B tokens (190,735 steps),

@@ -6,7 +6,7 @@ strata of width 1/S and the batch covers S*B strata once each), each giving the 
 w(t) * sum_masked -log p(x0_i | x_t). Averaged over the samples, summed over all rows and
 batches and divided by the number of real tokens it bounds the NLL per token, and exp of it
 bounds the perplexity. All randomness derives from `seed` and the batch index: the same model
-and batches give exactly the same number.
+and batches give exactly the same number. See also docs/formulas.md, section 10.
 """
 
 import functools

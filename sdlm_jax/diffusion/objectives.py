@@ -17,7 +17,7 @@ Input and target are the same tokens for the diffusion losses; the model gets no
 The randomness is factored out: `sample_noise(rng, ...)` draws everything, and
 `diffusion_loss(...)` is deterministic given that noise, so tests can rebuild the loss from
 the same masks. The loss returned is the data loss only; the model's aux dict (router
-losses and statistics) comes back as metrics["aux"].
+losses and statistics) comes back as metrics["aux"]. The formulas: docs/formulas.md, sections 2-3.
 """
 
 from typing import NamedTuple

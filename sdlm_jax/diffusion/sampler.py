@@ -21,7 +21,7 @@ Predictions: logits (with classifier-free guidance, uncond + (1 + s)(cond - unco
 the unconditional pass sees the prompt replaced by [MASK]) never propose [MASK] or padding;
 temperature 0 takes the argmax, otherwise a sample from the top-p (nucleus) filtered,
 temperature-scaled distribution. Confidence is the predicted token's probability under the
-unscaled guided logits.
+unscaled guided logits. See also docs/formulas.md, section 9.
 """
 
 import functools

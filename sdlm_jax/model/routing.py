@@ -8,7 +8,7 @@ Expert choice (OpenMoE 2 / MegaDLMs): in each routing group of N tokens, every e
 its top C = floor(N*k/E) tokens by router logit (ties: the lower token index). A token's gates
 are a softmax over only the experts that picked it (sigmoid option: sigmoids normalised over
 those experts); a token nobody picked gets no routed output. Token choice: each token takes
-its top-k experts, gates normalised over those k.
+its top-k experts, gates normalised over those k. The formulas: docs/formulas.md, sections 7-8.
 """
 
 import jax

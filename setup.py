@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="Sparse (MoE) diffusion language models in JAX/Flax NNX, TPU-native.",
     packages=find_packages(include=["sdlm_jax", "sdlm_jax.*", "pallas_kernels", "pallas_kernels.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax 0.10.2, flax 0.12, grain and orbax need it
     install_requires=[
         f"jax=={JAX_VERSION}",
         f"jaxlib=={JAX_VERSION}",
@@ -26,9 +26,10 @@ setup(
         "tensorboardX>=2.6",
         "tqdm>=4.60",
         "numpy>=1.26",
+        "jaxtyping>=0.3.11",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "beartype>=0.23"],
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
         "gpu": [f"jax[cuda12]=={JAX_VERSION}"],
         "tfds": ["tensorflow-datasets>=4.9"],

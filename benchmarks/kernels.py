@@ -12,7 +12,7 @@ GPU is present. Prints one table in three sections.
    forward + backward, XLA's cost-model time per chip: the whole layer (with float32 and with
    bf16 params), the expert matmuls alone (what any dispatch scheme must pay), and dispatch /
    combine alone next to their HBM lower bound (bytes they must move / bandwidth). Reference layer: 8192 tokens (4 x 2048),
-   d 2048, expert FFN 1024, 64 experts, k=1; REFERENCE.md's v5p figures: 1.79 ms whole layer,
+   d 2048, expert FFN 1024, 64 experts, k=1; docs/figures.md's v5p figures: 1.79 ms whole layer,
    1.34 ms matmuls alone.
 3. GPU: gmm (Pallas Triton vs lax.ragged_dot), measured, only when a GPU is present.
 """

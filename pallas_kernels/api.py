@@ -15,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, Int, Int32
 
 from pallas_kernels import reference, target
 from pallas_kernels.gmm import gpu as gmm_gpu
@@ -78,7 +79,9 @@ def _gmm_kernel_bwd(out_dtype, tiling, impl, residuals, grad_MxN):
 _gmm_kernel.defvjp(_gmm_kernel_fwd, _gmm_kernel_bwd)
 
 
-def gmm(lhs, rhs, group_sizes, *, group_offset=None, preferred_element_type=None, tiling=None, backend="auto"):
+def gmm(lhs: Float[Array, "M K"], rhs: Float[Array, "G_local K N"], group_sizes: Int[ArrayLike, "G"], *,
+        group_offset: Int[ArrayLike, ""] | None = None, preferred_element_type=None, tiling=None,
+        backend: str = "auto") -> Float[Array, "M N"]:
   """Grouped matmul [m, k] x [g, k, n] -> [m, n]; equals lax.ragged_dot(lhs, rhs, group_sizes).
 
   Rows of lhs are sorted by group; rows past sum(group_sizes) come out zero. With
@@ -97,8 +100,9 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=None, preferred_element_type=None
   return _gmm_kernel(lhs, rhs, group_sizes, first, out_dtype, None if tiling is None else tuple(tiling), impl)
 
 
-def tgmm(lhs, grad, group_sizes, *, group_offset=None, num_groups=None, preferred_element_type=None, tiling=None,
-         backend="auto"):
+def tgmm(lhs: Float[Array, "M K"], grad: Float[Array, "M N"], group_sizes: Int[ArrayLike, "G"], *,
+         group_offset: Int[ArrayLike, ""] | None = None, num_groups: int | None = None, preferred_element_type=None,
+         tiling=None, backend: str = "auto") -> Float[Array, "G_out K N"]:
   """Transposed grouped matmul: out[g] = lhs[rows of g].T @ grad[rows of g], [num_groups, k, n].
 
   Groups group_offset .. group_offset + num_groups - 1 (default: all); empty groups give zeros.
@@ -129,20 +133,23 @@ def _xla_only(op: str, backend: str):
     raise NotImplementedError(f"pallas_kernels.{op}: backend={backend!r} does not exist; use 'auto' or 'xla'")
 
 
-def expert_choice(logits, capacity, *, backend="auto"):
+def expert_choice(logits: Float[Array, "G N E"], capacity: int, *, backend: str = "auto"
+                  ) -> tuple[Int32[Array, "G E C"], Float[Array, "G E C"]]:
   """Each expert's top-`capacity` tokens of each routing group: logits [G, N, E] ->
   (token_idx [G, E, C] int32, scores [G, E, C]); ties go to the lower token index."""
   _xla_only("expert_choice", backend)
   return reference.expert_choice(logits, capacity)
 
 
-def ec_dispatch(x, token_idx, *, backend="auto"):
+def ec_dispatch(x: Float[Array, "G N D"], token_idx: Int[Array, "G E C"], *, backend: str = "auto"
+                ) -> Float[Array, "G E C D"]:
   """x [G, N, D], token_idx [G, E, C] -> each expert's tokens [G, E, C, D]; differentiable."""
   _xla_only("ec_dispatch", backend)
   return reference.ec_dispatch(x, token_idx)
 
 
-def ec_combine(y, token_idx, weights, num_tokens, *, backend="auto"):
+def ec_combine(y: Float[Array, "G E C D"], token_idx: Int[Array, "G E C"], weights: Float[Array, "G E C"] | None,
+               num_tokens: int, *, backend: str = "auto") -> Float[Array, "G N D"]:
   """Scatter-add [G, E, C, D] -> [G, N, D] of expert outputs to their tokens, each weighted by
   weights [G, E, C] (None: unweighted); differentiable."""
   _xla_only("ec_combine", backend)

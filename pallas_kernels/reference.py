@@ -14,6 +14,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, Int, Int32
 
 from pallas_kernels.gmm import plan
 
@@ -66,7 +67,8 @@ def _cpu_tiled_fits(m, k, n, groups, itemsize) -> bool:
   return (-(-m // CPU_ROW_TILE) + groups) * k * n * itemsize <= CPU_GATHER_BYTES
 
 
-def gmm(lhs_MxK, rhs_GxKxN, group_sizes_G, preferred_element_type=None, group_offset=None):
+def gmm(lhs_MxK: Float[Array, "M K"], rhs_GxKxN: Float[Array, "G_local K N"], group_sizes_G: Int[Array, "G"],
+        preferred_element_type=None, group_offset: Int[ArrayLike, ""] | None = None) -> Float[Array, "M N"]:
   """Grouped matmul, equal to lax.ragged_dot: rows of lhs are sorted by group; rows past
   sum(group_sizes) are zero. With `group_offset`, rhs holds only groups [offset, offset +
   rhs.shape[0]) and the rows of every other group are zero."""
@@ -81,7 +83,9 @@ def gmm(lhs_MxK, rhs_GxKxN, group_sizes_G, preferred_element_type=None, group_of
   return jax.lax.platform_dependent(lhs_MxK, rhs_GxKxN, sizes_G, first, cpu=tiled, default=ragged)
 
 
-def tgmm(lhs_MxK, grad_MxN, group_sizes_G, preferred_element_type=None, group_offset=None, num_groups=None):
+def tgmm(lhs_MxK: Float[Array, "M K"], grad_MxN: Float[Array, "M N"], group_sizes_G: Int[Array, "G"],
+         preferred_element_type=None, group_offset: Int[ArrayLike, ""] | None = None, num_groups: int | None = None
+         ) -> Float[Array, "G_out K N"]:
   """Transposed grouped matmul: out[g] = lhs[rows of g].T @ grad[rows of g], for groups
   group_offset .. group_offset + num_groups - 1 (default all): [num_groups, k, n]."""
   sizes_G = group_sizes_G.astype(jnp.int32)
@@ -107,7 +111,8 @@ def tgmm(lhs_MxK, grad_MxN, group_sizes_G, preferred_element_type=None, group_of
   return jax.lax.platform_dependent(lhs_MxK, grad_MxN, sizes_G, first, cpu=tiled, default=ragged)
 
 
-def expert_choice(logits_GxNxE, capacity):
+def expert_choice(logits_GxNxE: Float[Array, "G N E"], capacity: int
+                  ) -> tuple[Int32[Array, "G E C"], Float[Array, "G E C"]]:
   """Each expert's top-`capacity` tokens per group; ties go to the lower token index."""
   scores_GxExC, token_idx_GxExC = jax.lax.top_k(jnp.swapaxes(logits_GxNxE, 1, 2), capacity)
   return token_idx_GxExC.astype(jnp.int32), scores_GxExC
@@ -170,14 +175,15 @@ def _add_rows_bwd(num_tokens, idx_M, grad_NxD):
 _add_rows.defvjp(_add_rows_fwd, _add_rows_bwd)
 
 
-def ec_dispatch(x_GxNxD, token_idx_GxExC):
+def ec_dispatch(x_GxNxD: Float[Array, "G N D"], token_idx_GxExC: Int[Array, "G E C"]) -> Float[Array, "G E C D"]:
   """Gathers each expert's chosen tokens: [G, E, C, D]; the gradient scatter-adds."""
   _, num_experts, capacity = token_idx_GxExC.shape
   out_GxMxD = jax.vmap(_take_rows)(x_GxNxD, token_idx_GxExC.reshape(x_GxNxD.shape[0], -1))
   return out_GxMxD.reshape(x_GxNxD.shape[0], num_experts, capacity, -1)
 
 
-def ec_combine(y_GxExCxD, token_idx_GxExC, weights_GxExC, num_tokens):
+def ec_combine(y_GxExCxD: Float[Array, "G E C D"], token_idx_GxExC: Int[Array, "G E C"],
+               weights_GxExC: Float[Array, "G E C"] | None, num_tokens: int) -> Float[Array, "G N D"]:
   """Scatter-add of expert outputs back to token positions, each weighted by weights_GxExC
   (None: unweighted): [G, N, D]. The gradient gathers."""
   groups, _, _, d = y_GxExCxD.shape

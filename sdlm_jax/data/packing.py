@@ -19,6 +19,7 @@ import copy
 
 import grain
 import numpy as np
+from jaxtyping import Int32
 
 
 class _PackIterator(grain.DatasetIterator):
@@ -47,7 +48,7 @@ class _PackIterator(grain.DatasetIterator):
         return True
     return False
 
-  def __next__(self) -> dict:
+  def __next__(self) -> dict[str, Int32[np.ndarray, "L"]]:
     length = self._seq_len
     tokens_L = np.full(length, self._pad_id, np.int32)
     segment_ids_L = np.zeros(length, np.int32)

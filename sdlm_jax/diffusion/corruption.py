@@ -6,9 +6,11 @@ from the model call, so tests can draw the same noise and check a loss against N
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float, Float32, Int, PRNGKeyArray
 
 
-def sample_mask(rng, mask_prob, maskable_BxL):
+def sample_mask(rng: PRNGKeyArray, mask_prob: Float[ArrayLike, "B"] | Float[ArrayLike, "B L"],
+                maskable_BxL: Bool[Array, "B L"]) -> Bool[Array, "B L"]:
   """Masks each maskable position independently with probability mask_prob ([B] or [B, L])."""
   mask_prob = jnp.asarray(mask_prob, jnp.float32)
   if mask_prob.ndim == 1:
@@ -17,17 +19,20 @@ def sample_mask(rng, mask_prob, maskable_BxL):
   return (u_BxL < mask_prob) & maskable_BxL
 
 
-def apply_mask(tokens_BxL, is_masked_BxL, mask_id: int):
+def apply_mask(tokens_BxL: Int[Array, "B L"], is_masked_BxL: Bool[Array, "B L"], mask_id: int) -> Int[Array, "B L"]:
   return jnp.where(is_masked_BxL, mask_id, tokens_BxL)
 
 
-def mask_tokens(rng, tokens_BxL, mask_prob, mask_id: int, maskable_BxL):
+def mask_tokens(rng: PRNGKeyArray, tokens_BxL: Int[Array, "B L"],
+                mask_prob: Float[ArrayLike, "B"] | Float[ArrayLike, "B L"], mask_id: int,
+                maskable_BxL: Bool[Array, "B L"]) -> tuple[Int[Array, "B L"], Bool[Array, "B L"]]:
   """x_t from x_0: returns (noisy_BxL, is_masked_BxL); non-maskable positions (padding) stay."""
   is_masked_BxL = sample_mask(rng, mask_prob, maskable_BxL)
   return apply_mask(tokens_BxL, is_masked_BxL, mask_id), is_masked_BxL
 
 
-def force_one_mask(rng, is_masked_BxL, maskable_BxL):
+def force_one_mask(rng: PRNGKeyArray, is_masked_BxL: Bool[Array, "B L"],
+                   maskable_BxL: Bool[Array, "B L"]) -> Bool[Array, "B L"]:
   """MegaDLMs: a row with maskable tokens but no mask gets one, at a uniformly random position."""
   needs_B = ~jnp.any(is_masked_BxL, axis=1) & jnp.any(maskable_BxL, axis=1)
   score_BxL = jnp.where(maskable_BxL, jax.random.uniform(rng, maskable_BxL.shape), -1.0)
@@ -36,7 +41,7 @@ def force_one_mask(rng, is_masked_BxL, maskable_BxL):
   return is_masked_BxL | forced_BxL
 
 
-def antithetic_t(rng, num: int, t_min: float):
+def antithetic_t(rng: PRNGKeyArray, num: int, t_min: float) -> Float32[Array, "S"]:
   """`num` stratified t in [t_min, 1]: one uniform offset u, t_i = (u + i/num) mod 1, rescaled.
 
   Exactly one t falls in each of the `num` equal strata (MDLM's low-variance sampler).
@@ -46,7 +51,7 @@ def antithetic_t(rng, num: int, t_min: float):
   return t_min + (1.0 - t_min) * t
 
 
-def random_length_keep(rng, length: int, prob: float):
+def random_length_keep(rng: PRNGKeyArray, length: int, prob: float) -> Bool[Array, "L"]:
   """MegaDLMs' random-length batches: with probability `prob`, keep only positions < U{2..L}.
 
   Returns a [L] boolean keep mask shared by every row (all True when no cut happens); static

@@ -6,7 +6,7 @@ strata of width 1/S and the batch covers S*B strata once each), each giving the 
 w(t) * sum_masked -log p(x0_i | x_t). Averaged over the samples, summed over all rows and
 batches and divided by the number of real tokens it bounds the NLL per token, and exp of it
 bounds the perplexity. All randomness derives from `seed` and the batch index: the same model
-and batches give exactly the same number.
+and batches give exactly the same number. See also docs/formulas.md, section 10.
 """
 
 import functools
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxtyping import Int, Real
 
 from sdlm_jax import progress as progress_lib
 from sdlm_jax.diffusion import corruption, losses
@@ -100,7 +101,7 @@ def ar_nll(model, batches, *, progress: bool = False) -> dict:
   return _per_token(nats, count)
 
 
-def unigram_perplexity(train_counts_V, val_tokens) -> float:
+def unigram_perplexity(train_counts_V: Real[np.ndarray, "V"], val_tokens: Int[np.ndarray, "..."]) -> float:
   """Perplexity on `val_tokens` of an add-one-smoothed unigram model fit on `train_counts_V`.
 
   p(v) = (count_v + 1) / (sum counts + V): the floor any language model must beat by far.

@@ -17,13 +17,14 @@ Input and target are the same tokens for the diffusion losses; the model gets no
 The randomness is factored out: `sample_noise(rng, ...)` draws everything, and
 `diffusion_loss(...)` is deterministic given that noise, so tests can rebuild the loss from
 the same masks. The loss returned is the data loss only; the model's aux dict (router
-losses and statistics) comes back as metrics["aux"].
+losses and statistics) comes back as metrics["aux"]. The formulas: docs/formulas.md, sections 2-3.
 """
 
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Float32, Int, PRNGKeyArray, Real
 
 from sdlm_jax.diffusion import corruption, losses
 from sdlm_jax.diffusion.schedules import get_schedule
@@ -33,10 +34,10 @@ LOSS_NAMES = ("megadlm", "mdlm_elbo", "ar")
 
 class Noise(NamedTuple):
   """One draw of the forward process for a batch."""
-  t_B: jax.Array            # diffusion time per row
-  is_masked_BxL: jax.Array  # positions replaced by [MASK]
-  valid_BxL: jax.Array      # real tokens (after any random-length cut)
-  weight_B: jax.Array       # per-token loss weight of each row's masked tokens
+  t_B: Float32[Array, "B"]           # diffusion time per row
+  is_masked_BxL: Bool[Array, "B L"]  # positions replaced by [MASK]
+  valid_BxL: Bool[Array, "B L"]      # real tokens (after any random-length cut)
+  weight_B: Float32[Array, "B"]      # per-token loss weight of each row's masked tokens
 
 
 def _megadlm_noise(rng, valid_BxL, cfg):
@@ -64,7 +65,7 @@ def _check_name(name: str):
     raise ValueError(f"diffusion.loss={name!r} is not supported; allowed values: {', '.join(LOSS_NAMES)}")
 
 
-def sample_noise(rng, segment_ids_BxL, diffusion_cfg) -> Noise:
+def sample_noise(rng: PRNGKeyArray, segment_ids_BxL: Int[Array, "B L"], diffusion_cfg) -> Noise:
   """All the randomness of a diffusion loss (`megadlm` or `mdlm_elbo`) for one batch."""
   _check_name(diffusion_cfg.loss)
   if diffusion_cfg.loss not in _NOISE:
@@ -72,7 +73,9 @@ def sample_noise(rng, segment_ids_BxL, diffusion_cfg) -> Noise:
   return _NOISE[diffusion_cfg.loss](rng, segment_ids_BxL > 0, diffusion_cfg)
 
 
-def t_bucket_metrics(t_B, row_loss_B, row_counts_B, num_buckets: int):
+def t_bucket_metrics(t_B: Float[Array, "B"], row_loss_B: Float[Array, "B"],
+                     row_counts_B: Bool[Array, "B"] | Real[Array, "B"], num_buckets: int
+                     ) -> dict[str, Float32[Array, "K"]]:
   """Per-bucket sums of row losses and row counts over `num_buckets` equal-width buckets of t.
 
   Sums (not means) so the caller can add them over steps and micro-batches before dividing.
@@ -83,7 +86,7 @@ def t_bucket_metrics(t_B, row_loss_B, row_counts_B, num_buckets: int):
           "t_bucket_count": jnp.sum(onehot_BxK, axis=0)}
 
 
-def diffusion_loss(apply_fn, batch, noise: Noise, *, mask_id: int, num_t_buckets: int):
+def diffusion_loss(apply_fn, batch, noise: Noise, *, mask_id: int, num_t_buckets: int) -> tuple[Float32[Array, ""], dict]:
   """The weighted masked cross-entropy of the model on the batch corrupted by `noise`."""
   tokens_BxL = batch["tokens"]
   segment_ids_BxL = jnp.where(noise.valid_BxL, batch["segment_ids"], 0)
@@ -97,7 +100,7 @@ def diffusion_loss(apply_fn, batch, noise: Noise, *, mask_id: int, num_t_buckets
   return loss, metrics
 
 
-def ar_loss(apply_fn, batch):
+def ar_loss(apply_fn, batch) -> tuple[Float32[Array, ""], dict]:
   """Next-token cross-entropy; t-bucket metrics are empty arrays so every loss has the same keys."""
   logits_BxLxV, aux = apply_fn(batch["tokens"], batch["segment_ids"], batch["positions"])
   loss, _, _ = losses.ar_cross_entropy(logits_BxLxV, batch["tokens"], batch["segment_ids"])
@@ -106,7 +109,8 @@ def ar_loss(apply_fn, batch):
                 "t_bucket_loss_sum": empty, "t_bucket_count": empty}
 
 
-def compute_loss(apply_fn, batch, rng, diffusion_cfg, *, mask_id: int):
+def compute_loss(apply_fn, batch, rng: PRNGKeyArray, diffusion_cfg, *,
+                 mask_id: int) -> tuple[Float32[Array, ""], dict]:
   """(data loss f32 scalar, metrics) of the objective named by `diffusion_cfg.loss`; jittable."""
   _check_name(diffusion_cfg.loss)
   if diffusion_cfg.loss == "ar":

@@ -34,7 +34,7 @@ Predictions: logits (with classifier-free guidance, uncond + (1 + s)(cond - unco
 the unconditional pass sees the prompt replaced by [MASK]) never propose [MASK] or padding;
 temperature 0 takes the argmax, otherwise a sample from the top-p (nucleus) filtered,
 temperature-scaled distribution. Confidence is the predicted token's probability under the
-unscaled guided logits.
+unscaled guided logits. See also docs/formulas.md, section 9.
 """
 
 import functools
@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from sdlm_jax import progress as progress_lib
 from sdlm_jax.errors import UserInputError, check_choice, check_number
@@ -52,7 +53,7 @@ REMASKING = ("low_confidence", "random")
 PROGRESS_UPDATES = 16
 
 
-def top_p_filter(logits_NxV, top_p: float):
+def top_p_filter(logits_NxV: Float[Array, "*N V"], top_p: float) -> Float[Array, "*N V"]:
   """Keeps the smallest set of most likely tokens whose probability reaches top_p; others -> -inf.
 
   Filters the last axis (any leading axes). The most likely token is always kept; ties at the
@@ -68,7 +69,8 @@ def top_p_filter(logits_NxV, top_p: float):
   return jnp.where(logits_NxV >= threshold_Nx1, logits_NxV, -jnp.inf)
 
 
-def commit_mask(score_BxT, candidate_BxT, count_B):
+def commit_mask(score_BxT: Float[Array, "B T"], candidate_BxT: Bool[Array, "B T"],
+                count_B: Int[Array, "B"]) -> Bool[Array, "B T"]:
   """The `count_B` highest-scoring candidates of each row (ties: leftmost first)."""
   score_BxT = jnp.where(candidate_BxT, score_BxT, -jnp.inf)
   order_BxT = jnp.argsort(-score_BxT, axis=-1, stable=True)
@@ -183,7 +185,7 @@ def _run_steps(graphdef, state, x_BxT, seg_BxT, infill_BxT, prompt_len_B, start,
 
 def complete(model, prompts, *, length: int, steps: int, block_size: int = 0, temperature: float = 0.0,
              top_p: float = 1.0, remasking: str = "low_confidence", cfg_scale: float = 0.0, mask_id: int,
-             eos_id: int, pad_id: int, rng, progress: bool = False) -> list[tuple[list[int], list[int]]]:
+             eos_id: int, pad_id: int, rng: PRNGKeyArray, progress: bool = False) -> list[tuple[list[int], list[int]]]:
   """Fills every [MASK] of each prompt (a list of token ids) and generates up to `length` tokens after it.
 
   Returns (the prompt with its masks filled, its continuation cut before the first EOS) per

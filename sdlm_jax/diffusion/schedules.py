@@ -6,13 +6,15 @@ weight(t) = -alpha'(t) / (1 - alpha(t)) is the MDLM ELBO weight of the masked cr
   poly2   alpha = 1 - t^2              w = 2/t
   cosine  alpha = 1 - cos(pi/2 (1-t))  w = (pi/2) tan(pi/2 (1-t))
 Every weight diverges at t = 0, which is why the ELBO samples t >= diffusion.t_min.
+Derivations: docs/formulas.md, section 1.
 """
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
+from jaxtyping import ArrayLike, Float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +24,7 @@ class Schedule:
   alpha: Callable
   weight: Callable
 
-  def mask_prob(self, t):
+  def mask_prob(self, t: Float[ArrayLike, "*T"]) -> Float[ArrayLike, "*T"]:
     return 1.0 - self.alpha(t)
 
 

@@ -8,6 +8,7 @@ scripts) it is created plain but keeps its names, so the same module builds anyw
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jaxtyping import Array, Float, Int
 
 ACT_BLD = ("activation_batch", "activation_length", "activation_embed")
 # Names model.dtype and model.param_dtype accept (float16 needs a GPU: the CPU backend has no float16 matmul).
@@ -38,13 +39,14 @@ class RMSNorm(nnx.Module):
     self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",),
                            eager_sharding=_can_shard_eagerly())
 
-  def __call__(self, x):
+  def __call__(self, x: Float[Array, "*batch D"]) -> Float[Array, "*batch D"]:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def apply_rope(x_BxLxHxK, positions_BxL, theta: float):
+def apply_rope(x_BxLxHxK: Float[Array, "B L H K"], positions_BxL: Int[Array, "B L"],
+               theta: float) -> Float[Array, "B L H K"]:
   """Rotary position embedding on the last axis (split-half convention), in float32.
 
   Positions are explicit so packed rows can restart them at every document.

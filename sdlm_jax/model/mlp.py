@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jaxtyping import Array, Float
 
 from sdlm_jax.model.layers import dtype_of, param
 from sdlm_jax.parallel.sharding import constrain
@@ -18,7 +19,7 @@ class SwiGLU(nnx.Module):
     self.w_up = param(rngs, (d_model, hidden), ("embed", "mlp"), cfg.init_std, pd)
     self.w_down = param(rngs, (hidden, d_model), ("mlp", "embed"), cfg.init_std, pd)
 
-  def __call__(self, x_BxLxD):
+  def __call__(self, x_BxLxD: Float[Array, "B L D"]) -> Float[Array, "B L D"]:
     dt = self.dtype
     x_BxLxD = x_BxLxD.astype(dt)
     gate_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_gate[...].astype(dt))

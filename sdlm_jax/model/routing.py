@@ -8,11 +8,12 @@ Expert choice (OpenMoE 2 / MegaDLMs): in each routing group of N tokens, every e
 its top C = floor(N*k/E) tokens by router logit (ties: the lower token index). A token's gates
 are a softmax over only the experts that picked it (sigmoid option: sigmoids normalised over
 those experts); a token nobody picked gets no routed output. Token choice: each token takes
-its top-k experts, gates normalised over those k.
+its top-k experts, gates normalised over those k. The formulas: docs/formulas.md, sections 7-8.
 """
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Float32, Int, Int32, Real
 
 import pallas_kernels
 
@@ -37,7 +38,9 @@ def ec_capacity(num_tokens: int, top_k: int, num_experts: int) -> int:
   return min(capacity, num_tokens)
 
 
-def expert_choice(logits_GxNxE, token_mask_GxN, top_k: int, activation: str, *, backend: str = "auto"):
+def expert_choice(logits_GxNxE: Float[Array, "G N E"], token_mask_GxN: Bool[Array, "G N"], top_k: int,
+                  activation: str, *, backend: str = "auto"
+                  ) -> tuple[Int32[Array, "G E C"], Float32[Array, "G E C"], Bool[Array, "G N E"]]:
   """Each expert's top-C tokens per group and their gates.
 
   Returns (token_idx_GxExC int32, slot_gates_GxExC f32, picked_GxNxE bool). A slot holding a
@@ -59,7 +62,8 @@ def expert_choice(logits_GxNxE, token_mask_GxN, top_k: int, activation: str, *, 
   return token_idx_GxExC, slot_gates_GxExC, picked_GxNxE
 
 
-def expert_choice_gates(logits_GxNxE, picked_GxNxE, activation: str):
+def expert_choice_gates(logits_GxNxE: Float[Array, "G N E"], picked_GxNxE: Bool[Array, "G N E"],
+                        activation: str) -> Float[Array, "G N E"]:
   """Per token, gates normalised over the experts that picked it; 0 elsewhere and for unpicked tokens."""
   _check_activation(activation)
   if activation == "softmax":
@@ -74,7 +78,8 @@ def expert_choice_gates(logits_GxNxE, picked_GxNxE, activation: str):
   return weights_GxNxE / jnp.where(total_GxNx1 > 0, total_GxNx1, 1.0)
 
 
-def token_wise_balance_loss(logits_GxNxE, picked_GxNxE, token_mask_GxN, top_k: int):
+def token_wise_balance_loss(logits_GxNxE: Float[Array, "G N E"], picked_GxNxE: Bool[Array, "G N E"],
+                            token_mask_GxN: Bool[Array, "G N"], top_k: int) -> Float32[Array, ""]:
   """OpenMoE 2's EC balance loss, averaged over groups: sum_i P_i c_i / (E k).
 
   p = softmax over a group's real tokens for each expert, P_i = sum_e p[i, e], c_i = how many
@@ -90,7 +95,8 @@ def token_wise_balance_loss(logits_GxNxE, picked_GxNxE, token_mask_GxN, top_k: i
   return jnp.mean(per_group_G)
 
 
-def token_choice_topk(logits_NxE, token_mask_N, top_k: int, activation: str):
+def token_choice_topk(logits_NxE: Float[Array, "N E"], token_mask_N: Bool[Array, "N"], top_k: int, activation: str
+                      ) -> tuple[Int32[Array, "N K"], Float32[Array, "N K"], Float32[Array, "N E"]]:
   """Each token's top-k experts. Returns (expert_idx_NxK int32, gates_NxK, probs_NxE).
 
   Gates are the top-k scores normalised to sum 1 (0 for padding); probs are the per-expert
@@ -105,7 +111,8 @@ def token_choice_topk(logits_NxE, token_mask_N, top_k: int, activation: str):
   return expert_idx_NxK.astype(jnp.int32), gates_NxK, probs_NxE
 
 
-def switch_aux_loss(probs_NxE, expert_idx_NxK, token_mask_N):
+def switch_aux_loss(probs_NxE: Float[Array, "N E"], expert_idx_NxK: Int[Array, "N K"],
+                    token_mask_N: Bool[Array, "N"]) -> Float32[Array, ""]:
   """Switch Transformer balance loss E * sum_e f_e P_e over real tokens (1 when uniform).
 
   f_e: share of the real tokens' k slots routed to e (no gradient); P_e: mean of the token's
@@ -121,14 +128,15 @@ def switch_aux_loss(probs_NxE, expert_idx_NxK, token_mask_N):
   return num_experts * jnp.sum(jax.lax.stop_gradient(f_E) * p_E)
 
 
-def router_z_loss(logits_NxE, token_mask_N):
+def router_z_loss(logits_NxE: Float[Array, "N E"], token_mask_N: Bool[Array, "N"]) -> Float32[Array, ""]:
   """Mean over real tokens of logsumexp(logits)^2: keeps router logits from drifting large."""
   mask_N = token_mask_N.astype(jnp.float32)
   z_N = jax.nn.logsumexp(logits_NxE.astype(jnp.float32), axis=-1)
   return jnp.sum(z_N * z_N * mask_N) / jnp.maximum(jnp.sum(mask_N), 1.0)
 
 
-def routing_stats(experts_per_token_N, expert_slots_E, token_mask_N) -> dict:
+def routing_stats(experts_per_token_N: Int[Array, "N"], expert_slots_E: Real[Array, "E"],
+                  token_mask_N: Bool[Array, "N"]) -> dict[str, Float32[Array, "..."]]:
   """Experts-per-token distribution over real tokens and each expert's share of routed slots.
 
   All zeros (not inf) when there is no real token, so a batch of padding logs cleanly.

@@ -76,6 +76,7 @@ def get_config(arg: str = "ec"):
   if "smoke" in options:
     c.model.vocab_size = 512
     c.model.num_layers = 2
+    c.model.scan_layers = True  # the tests built on smoke runs cover the scanned stacks the TPU configs use
     c.model.d_model = 64
     c.model.num_heads = 2
     c.model.num_kv_heads = 1

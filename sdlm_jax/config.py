@@ -69,6 +69,9 @@ def _check_model(m, seq_len, platform):
     raise ConfigError("model.dtype='float16' is for GPU: the CPU backend has no float16 matmul; "
                       "allowed values on CPU: float32, bfloat16")
   _one_of("model.attention", m.attention, ATTENTION_IMPLS)
+  if m.attention == "cudnn" and m.dtype not in ("bfloat16", "float16"):
+    raise ConfigError(f"model.attention='cudnn' needs model.dtype bfloat16 or float16 (cuDNN's fused attention "
+                      f"takes no {m.dtype}); allowed values: auto (picks XLA for {m.dtype}), xla")
   _one_of("model.remat", m.remat, REMAT_POLICIES)
   _check_moe(m.moe, m.num_layers, seq_len)
 

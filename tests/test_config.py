@@ -186,6 +186,15 @@ def test_float16_is_rejected_on_cpu_only():
   validate(cfg, platform="gpu")
 
 
+def test_cudnn_attention_needs_a_half_precision_compute_dtype():
+  cfg = demo.get_config("ec")  # float32 compute
+  cfg.model.attention = "cudnn"
+  with pytest.raises(ConfigError, match="attention='cudnn' needs model.dtype bfloat16 or float16"):
+    validate(cfg, platform="gpu")
+  cfg.model.dtype = "bfloat16"
+  validate(cfg, platform="gpu")
+
+
 def test_section_checks_take_the_names_of_their_flags():
   cfg = demo.get_config("ec")
   cfg.eval.num_t_samples = 0

@@ -187,6 +187,24 @@ def _unrolled_and_scanned(variant):
   return unrolled, scanned
 
 
+def test_scanned_and_unrolled_models_initialise_the_same_weights():
+  """scan_layers changes the program, not the model: layer i of an unrolled stack holds slice i
+  of the scanned stack's params (so switching it keeps a config's training run the same)."""
+  cfg = _model_cfg("ec,smoke", num_layers=3, scan_layers=True)
+  cfg.moe.first_k_dense = 1
+  scanned = dict(nnx.to_flat_state(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)))
+  cfg.scan_layers = False
+  unrolled = dict(nnx.to_flat_state(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)))
+  compared = set()
+  for path, var in scanned.items():
+    layers = range(var[...].shape[0]) if path[0] == "stacks" else [None]
+    for i in layers:  # ("stacks", s, "blocks", ...) -> ("stacks", s, "blocks", i, ...)
+      key = path if i is None else path[:3] + (i,) + path[3:]
+      np.testing.assert_array_equal(var[...] if i is None else var[...][i], unrolled[key][...])
+      compared.add(key)
+  assert compared == set(unrolled)
+
+
 @pytest.mark.parametrize("variant", ["ec,smoke", "tc,smoke"])
 def test_scanned_layers_equal_unrolled_layers(variant):
   unrolled, scanned = _unrolled_and_scanned(variant)

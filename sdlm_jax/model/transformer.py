@@ -77,14 +77,25 @@ class LayerStack(nnx.Module):
   def __init__(self, cfg, num: int, is_moe: bool, *, rngs: nnx.Rngs):
     self.scan = cfg.scan_layers
     self.remat = cfg.remat
+
+    # Both layouts draw the params this way, so a config initialises the same weights whether
+    # its layers are scanned or unrolled (scan_layers changes the program, not the model).
+    @nnx.split_rngs(splits=num)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(block_rngs):
+      return Block(cfg, is_moe, rngs=block_rngs)
+
+    stacked = make(rngs)
     if self.scan:
-      @nnx.split_rngs(splits=num)
-      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def make(block_rngs):
-        return Block(cfg, is_moe, rngs=block_rngs)
-      self.blocks = make(rngs)
-    else:
-      self.blocks = nnx.List([Block(cfg, is_moe, rngs=rngs) for _ in range(num)])
+      self.blocks = stacked
+      return
+    per_layer = nnx.to_pure_dict(nnx.state(stacked, nnx.Param))
+    blocks = [Block(cfg, is_moe, rngs=nnx.Rngs(0)) for _ in range(num)]  # the structure; values below
+    for i, block in enumerate(blocks):
+      params = nnx.state(block, nnx.Param)
+      nnx.replace_by_pure_dict(params, jax.tree.map(lambda stacked_param: stacked_param[i], per_layer))
+      nnx.update(block, params)
+    self.blocks = nnx.List(blocks)
 
   def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, token_mask_BxL):
     """Returns (x_BxLxD, per-layer (losses, stats) stacked on a leading axis; None if dense)."""

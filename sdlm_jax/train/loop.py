@@ -12,6 +12,7 @@ import time
 
 import jax
 from clu import parameter_overview
+from flax import nnx
 from tqdm import tqdm
 
 from sdlm_jax import config as config_lib
@@ -142,7 +143,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
 
 def _write_param_overview(workdir: str, params):
   """WORKDIR/params.txt: every param's name, shape, dtype and size (clu's table); the total is printed."""
-  pure = params.to_pure_dict()
+  pure = nnx.to_pure_dict(params)
   table = parameter_overview.get_parameter_overview(pure, include_stats=False)
   with open(os.path.join(workdir, "params.txt"), "w") as f:
     f.write(table + "\n")

@@ -14,6 +14,7 @@ path for TPU is future work: `splash` raises rather than running something else.
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels import target
 from sdlm_jax.model.layers import RMSNorm, apply_rope, dtype_of, param
@@ -41,7 +42,7 @@ def resolve_implementation(name: str, dtype=jnp.bfloat16) -> str:
   return name
 
 
-def attention_mask(segment_ids_BxL, causal: bool = False):
+def attention_mask(segment_ids_BxL: Int[Array, "B L"], causal: bool = False) -> Bool[Array, "B 1 L L"]:
   """[B, 1, Lq, Lk] boolean mask: query and key in the same segment (and key <= query if causal)."""
   mask_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
   if causal:
@@ -67,7 +68,8 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(k, cfg.norm_eps, pd) if cfg.qk_norm else None
     self.k_norm = RMSNorm(k, cfg.norm_eps, pd) if cfg.qk_norm else None
 
-  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+  def __call__(self, x_BxLxD: Float[Array, "B L D"], segment_ids_BxL: Int[Array, "B L"] | None,
+               positions_BxL: Int[Array, "B L"]) -> Float[Array, "B L D"]:
     """segment_ids_BxL=None means one document per row (no mask beyond `causal`)."""
     implementation = resolve_implementation(self.implementation, self.dtype)
     dt = self.dtype

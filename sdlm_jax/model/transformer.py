@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jaxtyping import Array, Float32, Int
 
 from sdlm_jax.model.attention import Attention
 from sdlm_jax.model.layers import ACT_BLD, RMSNorm, dtype_of, param
@@ -131,7 +132,8 @@ class Transformer(nnx.Module):
     self.lm_head = None if cfg.tie_embeddings else param(
         rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pd)
 
-  def __call__(self, tokens_BxL, *, segment_ids_BxL=None, positions_BxL=None):
+  def __call__(self, tokens_BxL: Int[Array, "B L"], *, segment_ids_BxL: Int[Array, "B L"] | None = None,
+               positions_BxL: Int[Array, "B L"] | None = None) -> tuple[Float32[Array, "B L V"], dict]:
     batch, length = tokens_BxL.shape
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))

@@ -1,15 +1,18 @@
 """sdlm-eval: ELBO perplexity bound on the validation split, written to WORKDIR/eval.json.
 
-  sdlm-eval --workdir runs/demo [--num_batches 8] [--num_t_samples 4]
+  sdlm-eval --workdir runs/demo [--step N] [--num_batches 8] [--num_t_samples 4]
+  sdlm-eval --model exports/demo     (a directory written by sdlm-export: writes exports/demo/eval.json)
+
+An export's config.json keeps the run's data, diffusion and eval sections, so --model rebuilds
+the same validation split (from the same data.data_dir / data.paths) and scores it the same way.
 """
 
 import json
 
 from absl import app, flags
 
-from sdlm_jax.cli import common
+from sdlm_jax.cli import common, model_source
 
-_WORKDIR = common.define_workdir(required=True)
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", None, "Validation batches (default: the run's eval.num_batches).")
 _NUM_T = flags.DEFINE_integer("num_t_samples", None, "Antithetic t samples per sequence (default: eval.num_t_samples).")
 
@@ -18,16 +21,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.quiet_logs()
-  from sdlm_jax.train import restore  # pylint: disable=import-outside-toplevel
   from sdlm_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   from sdlm_jax.train import evaluate  # pylint: disable=import-outside-toplevel
-  cfg, tokenizer, model, step = restore.load_trained_model(_WORKDIR.value)
+  cfg, tokenizer, model, step = model_source.load("sdlm-eval")
   if _NUM_BATCHES.value is not None:
     cfg.eval.num_batches = _NUM_BATCHES.value
   if _NUM_T.value is not None:
     cfg.eval.num_t_samples = _NUM_T.value
   result = {"step": step, **evaluate.evaluate(cfg, model, tokenizer)}
-  path = workdir_lib.write_json(_WORKDIR.value, "eval.json", result)
+  path = workdir_lib.write_json(model_source.directory(), "eval.json", result)
   print(json.dumps(result, indent=2))
   print(f"written to {path}")
 

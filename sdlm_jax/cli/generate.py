@@ -1,15 +1,16 @@
 """sdlm-generate: sample text from a trained SDLM with the masked-diffusion reverse process.
 
   sdlm-generate --workdir runs/demo --prompt "ROMEO." --prompt "To be" --length 64 --steps 64
+  sdlm-generate --model exports/demo --prompt "ROMEO."     (a directory written by sdlm-export)
 
-Defaults come from the run's `sample` config section; flags override them.
+Defaults come from the run's `sample` config section; flags override them. --step N loads
+checkpoint N of --workdir instead of the latest.
 """
 
 from absl import app, flags
 
-from sdlm_jax.cli import common
+from sdlm_jax.cli import common, model_source
 
-_WORKDIR = common.define_workdir(required=True)
 _PROMPTS = flags.DEFINE_multi_string("prompt", [""], "Prompt text (repeat for a batch of prompts).")
 _LENGTH = flags.DEFINE_integer("length", None, "Tokens to generate per prompt.")
 _STEPS = flags.DEFINE_integer("steps", None, "Denoising steps.")
@@ -30,10 +31,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.quiet_logs()
   import jax  # pylint: disable=import-outside-toplevel
-  from sdlm_jax.train import restore  # pylint: disable=import-outside-toplevel
   from sdlm_jax.diffusion import sampler  # pylint: disable=import-outside-toplevel
 
-  cfg, tokenizer, model, step = restore.load_trained_model(_WORKDIR.value)
+  cfg, tokenizer, model, step = model_source.load("sdlm-generate")
   s = cfg.sample
   prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in _PROMPTS.value]
   outputs = sampler.generate(

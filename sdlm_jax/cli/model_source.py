@@ -1,0 +1,47 @@
+"""--workdir / --model / --step: where sdlm-generate and sdlm-eval take their model from.
+
+Exactly one of --workdir (a run directory; --step picks a checkpoint, default the latest) and
+--model (a directory written by sdlm-export, which holds one step). Bad input is one line on
+stderr with exit status 2.
+"""
+
+import sys
+
+from absl import flags
+
+from sdlm_jax.cli import common
+
+_WORKDIR = common.define_workdir()
+_MODEL = flags.DEFINE_string("model", None, "Export directory written by sdlm-export (instead of --workdir).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir to load (default: the latest).")
+
+
+def fail(prog: str, message):
+  sys.stderr.write(f"{prog}: error: {' '.join(str(message).split())}\n")
+  sys.exit(2)
+
+
+def directory() -> str:
+  """The directory the model came from: where results such as eval.json are written."""
+  return _WORKDIR.value if _WORKDIR.value is not None else _MODEL.value
+
+
+def load(prog: str):
+  """(cfg, tokenizer, model, step) from --workdir [--step] or --model."""
+  from sdlm_jax.export.errors import ExportInputError  # pylint: disable=import-outside-toplevel
+  from sdlm_jax.train.checkpoint import CheckpointNotFoundError  # pylint: disable=import-outside-toplevel
+  if (_WORKDIR.value is None) == (_MODEL.value is None):
+    fail(prog, "give exactly one of --workdir (a run directory) and --model (a directory written by sdlm-export)")
+  if _MODEL.value is not None and _STEP.value is not None:
+    fail(prog, f"--step={_STEP.value} goes with --workdir; an export holds one step (its config.json's export.step)")
+  try:
+    if _MODEL.value is not None:
+      from sdlm_jax.export.pretrained import load_pretrained  # pylint: disable=import-outside-toplevel
+      model, tokenizer, cfg = load_pretrained(_MODEL.value)
+      return cfg, tokenizer, model, cfg.export.step
+    from sdlm_jax.export.directory import check_workdir  # pylint: disable=import-outside-toplevel
+    from sdlm_jax.train import restore  # pylint: disable=import-outside-toplevel
+    check_workdir(_WORKDIR.value)
+    return restore.load_trained_model(_WORKDIR.value, _STEP.value)
+  except (ExportInputError, CheckpointNotFoundError) as err:
+    fail(prog, err)

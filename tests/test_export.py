@@ -96,7 +96,8 @@ def _rounded_to_bf16(model):
   return nnx.merge(graphdef, params, rest)
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.multidevice) if RUNS[n][2] > 1 else n
+                                  for n in RUNS])
 def test_every_format_reloads_to_the_runs_logits(runs, name, tmp_path):
   workdir = runs(name)
   cfg, _, run_model, step = restore.load_trained_model(workdir, mesh=restore.single_device_mesh())

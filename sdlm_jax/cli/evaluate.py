@@ -13,6 +13,8 @@ from absl import app, flags
 
 from sdlm_jax.cli import common, model_source
 
+flags.adopt_module_key_flags(model_source)  # --workdir, --model, --step in --help
+
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", None, "Validation batches (default: the run's eval.num_batches).")
 _NUM_T = flags.DEFINE_integer("num_t_samples", None, "Antithetic t samples per sequence (default: eval.num_t_samples).")
 

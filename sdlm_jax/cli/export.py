@@ -20,6 +20,7 @@ from sdlm_jax.cli import common
 PROG = "sdlm-export"
 
 _WORKDIR = common.define_workdir(required=True)
+flags.declare_key_flag("workdir")  # defined in common: listed in --help with the flags below
 _OUT = flags.DEFINE_string("out", None, "Export directory to create (new or empty).", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
 _DTYPE = flags.DEFINE_string("dtype", None, "Param dtype of the export: bfloat16 | float32 (default: the "

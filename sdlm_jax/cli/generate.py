@@ -11,6 +11,8 @@ from absl import app, flags
 
 from sdlm_jax.cli import common, model_source
 
+flags.adopt_module_key_flags(model_source)  # --workdir, --model, --step in --help
+
 _PROMPTS = flags.DEFINE_multi_string("prompt", [""], "Prompt text (repeat for a batch of prompts).")
 _LENGTH = flags.DEFINE_integer("length", None, "Tokens to generate per prompt.")
 _STEPS = flags.DEFINE_integer("steps", None, "Denoising steps.")

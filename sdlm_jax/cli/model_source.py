@@ -12,6 +12,7 @@ from absl import flags
 from sdlm_jax.cli import common
 
 _WORKDIR = common.define_workdir()
+flags.declare_key_flag("workdir")  # defined in common: listed with this module's flags
 _MODEL = flags.DEFINE_string("model", None, "Export directory written by sdlm-export (instead of --workdir).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir to load (default: the latest).")
 

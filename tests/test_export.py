@@ -16,6 +16,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -135,6 +136,10 @@ def test_every_format_reloads_to_the_runs_logits(runs, name, tmp_path):
 
     exported = forward.load(out / directory.FORWARD_FILE)
     flat = safetensors_io.read(out)
+    checkpointer = ocp.StandardCheckpointer()  # params/ needs neither the model nor this library
+    raw = checkpointer.restore((out / directory.PARAMS_DIR).resolve())
+    checkpointer.close()
+    np.testing.assert_array_equal(np.asarray(raw["embed"]), flat["embed"])
     np.testing.assert_allclose(np.asarray(exported.call(flat, *batch)), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(exported.call(flat, *other)), _logits(reference, other),
                                rtol=1e-5, atol=1e-5)

@@ -27,6 +27,8 @@ setup(
         "tqdm>=4.60",
         "numpy>=1.26",
         "jaxtyping>=0.3.11",
+        "safetensors>=0.4.3",
+        "flatbuffers>=24.3",  # jax.export serialisation (sdlm-export's forward.jax_export)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "beartype>=0.23"],
@@ -42,6 +44,7 @@ setup(
             "sdlm-eval=sdlm_jax.cli.evaluate:run",
             "sdlm-aot=sdlm_jax.cli.aot:run",
             "sdlm-scaling=sdlm_jax.cli.scaling:run",
+            "sdlm-export=sdlm_jax.cli.export:run",
         ]
     },
 )

@@ -77,7 +77,8 @@ def gmm(lhs_MxK: Float[Array, "M K"], rhs_GxKxN: Float[Array, "G_local K N"], gr
   first = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
   ragged = lambda a, b, s, f: _gmm_ragged(a, b, s, f, out_dtype, group_offset is not None)
   (m, k), (groups, _, n) = lhs_MxK.shape, rhs_GxKxN.shape
-  if m == 0 or not _cpu_tiled_fits(m, k, n, groups, lhs_MxK.dtype.itemsize):
+  # A symbolic row count (jax.export with a symbolic batch) cannot size the tiled form's buffers.
+  if not isinstance(m, int) or m == 0 or not _cpu_tiled_fits(m, k, n, groups, lhs_MxK.dtype.itemsize):
     return ragged(lhs_MxK, rhs_GxKxN, sizes_G, first)
   tiled = lambda a, b, s, f: _gmm_tiled(a, b, s, f, out_dtype, CPU_ROW_TILE)
   return jax.lax.platform_dependent(lhs_MxK, rhs_GxKxN, sizes_G, first, cpu=tiled, default=ragged)

@@ -1,17 +1,22 @@
 """sdlm-eval: ELBO perplexity bound on the validation split, written to WORKDIR/eval.json.
 
-  sdlm-eval --workdir runs/demo [--num_batches 8] [--num_t_samples 4]
+  sdlm-eval --workdir runs/demo [--step N] [--num_batches 8] [--num_t_samples 4]
+  sdlm-eval --model exports/demo     (a directory written by sdlm-export: writes exports/demo/eval.json)
+
+An export's config.json keeps the run's data, diffusion and eval sections, so --model rebuilds
+the same validation split (from the same data.data_dir / data.paths) and scores it the same way.
 """
 
 import json
 
 from absl import app, flags
 
-from sdlm_jax.cli import common
+from sdlm_jax.cli import common, model_source
+
+flags.adopt_module_key_flags(model_source)  # --workdir, --model, --step in --help
 
 PROG = "sdlm-eval"
 
-_WORKDIR = common.define_workdir(required=True)
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", None, "Validation batches (default: the run's eval.num_batches).")
 _NUM_T = flags.DEFINE_integer("num_t_samples", None, "Antithetic t samples per sequence (default: eval.num_t_samples).")
 
@@ -22,13 +27,12 @@ def main(argv):
   common.quiet_logs()
   from sdlm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from sdlm_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-  from sdlm_jax.train import evaluate, restore  # pylint: disable=import-outside-toplevel
-  cfg = workdir_lib.load_config(_WORKDIR.value)
+  from sdlm_jax.train import evaluate  # pylint: disable=import-outside-toplevel
+  cfg, tokenizer, model, step = model_source.load()
   common.apply_flags(cfg.eval, num_batches=_NUM_BATCHES.value, num_t_samples=_NUM_T.value)
-  config_lib.validate_eval(cfg.eval, prefix="--")  # before the checkpoint is read
-  _, tokenizer, model, step = restore.load_trained_model(_WORKDIR.value)
+  config_lib.validate_eval(cfg.eval, prefix="--")
   result = {"step": step, **evaluate.evaluate(cfg, model, tokenizer, progress=True)}
-  path = workdir_lib.write_json(_WORKDIR.value, "eval.json", result)
+  path = workdir_lib.write_json(model_source.directory(), "eval.json", result)
   print(json.dumps(result, indent=2))
   print(f"written to {path}")
 

@@ -5,18 +5,22 @@
 
 Defaults come from the run's `sample` config section; flags override them and are checked by
 the same rules (sdlm_jax.diffusion.sampler.check_settings). Every [MASK] in a prompt is
-filled (infilling); with --length 0 nothing is generated after the prompt.
+filled (infilling); with --length 0 nothing is generated after the prompt. The model comes
+from a run directory (--workdir, its latest checkpoint unless --step N names another) or from
+a directory written by sdlm-export (--model):
+  sdlm-generate --model exports/demo --prompt "ROMEO."
 """
 
 import sys
 
 from absl import app, flags
 
-from sdlm_jax.cli import common
+from sdlm_jax.cli import common, model_source
+
+flags.adopt_module_key_flags(model_source)  # --workdir, --model, --step in --help
 
 PROG = "sdlm-generate"
 
-_WORKDIR = common.define_workdir(required=True)
 _PROMPTS = flags.DEFINE_multi_string("prompt", [""], "Prompt text (repeat for a batch of prompts); each [MASK] "
                                      "in it is filled.")
 _LENGTH = flags.DEFINE_integer("length", None, "Tokens to generate per prompt (default: the run's sample.length; "
@@ -63,18 +67,14 @@ def main(argv):
   common.quiet_logs()
   import jax  # pylint: disable=import-outside-toplevel
   from sdlm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  from sdlm_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   from sdlm_jax.diffusion import sampler  # pylint: disable=import-outside-toplevel
-  from sdlm_jax.train import restore  # pylint: disable=import-outside-toplevel
 
-  cfg = workdir_lib.load_config(_WORKDIR.value)
-  tokenizer = workdir_lib.load_tokenizer(_WORKDIR.value)
+  cfg, tokenizer, model, step = model_source.load()
   prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in _PROMPTS.value]
   fewest_masks = min(p.count(tokenizer.mask_id) for p in prompts)
   s = sample_settings(cfg.sample, fewest_masks)
-  config_lib.validate_sample(s, fewest_masks=fewest_masks, prefix="--")  # before the checkpoint is read
+  config_lib.validate_sample(s, fewest_masks=fewest_masks, prefix="--")
   warn_past_trained_length(max(len(p) for p in prompts), s.length, cfg.data.seq_len)
-  _, _, model, step = restore.load_trained_model(_WORKDIR.value)
   rows = sampler.complete(
       model, prompts, length=s.length, steps=s.steps, block_size=s.block_size, temperature=s.temperature,
       top_p=s.top_p, remasking=s.remasking, cfg_scale=s.cfg_scale, mask_id=tokenizer.mask_id,

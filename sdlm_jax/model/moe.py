@@ -53,12 +53,13 @@ def batch_shards() -> int:
 def ec_num_groups(ec_group: str, batch: int, shards: int) -> int:
   """Routing groups of a [batch, L] block: one per sequence, or one per batch shard.
 
-  With `batch`, gcd(batch, shards) keeps an unsharded odd-sized batch (e.g. generation) legal.
+  With `batch`, gcd(batch, shards) keeps an unsharded odd-sized batch (e.g. generation) legal;
+  one shard is one group without looking at `batch` (which may be symbolic, in jax.export).
   """
   if ec_group == "sequence":
     return batch
   if ec_group == "batch":
-    return math.gcd(batch, shards)
+    return 1 if shards == 1 else math.gcd(batch, shards)
   raise ValueError(f"model.moe.ec_group={ec_group!r}; allowed values: {', '.join(EC_GROUPS)}")
 
 

@@ -63,6 +63,10 @@ def agreed_latest_step(ckpt) -> int:
   return step
 
 
+class CheckpointNotFoundError(InputNotFoundError):
+  """The requested checkpoint step does not exist in the run directory."""
+
+
 class Checkpointer:
   """A thin wrapper over ocp.CheckpointManager with this project's items."""
 
@@ -95,7 +99,11 @@ class Checkpointer:
   def restore_params(self, params, step=None):
     step = self.latest_step() if step is None else step
     if step is None:
-      raise InputNotFoundError(f"no checkpoint in {self.directory}; train first with sdlm-train")
+      raise CheckpointNotFoundError(f"no checkpoint in {self.directory}; train first with sdlm-train")
+    saved = sorted(self._manager.all_steps())
+    if step not in saved:
+      raise CheckpointNotFoundError(f"--step={step}: no checkpoint of that step in {self.directory}; allowed "
+                                    f"values: {', '.join(map(str, saved)) or 'none (train first with sdlm-train)'}")
     out = self._manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(params))))
     return out["params"], step

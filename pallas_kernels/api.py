@@ -133,7 +133,7 @@ def _xla_only(op: str, backend: str):
     raise NotImplementedError(f"pallas_kernels.{op}: backend={backend!r} does not exist; use 'auto' or 'xla'")
 
 
-def expert_choice(logits: Float[Array, "G N E"], capacity: int, *, backend: str = "auto"
+def expert_choice(logits: Float[Array, "G N E"], capacity, *, backend: str = "auto"
                   ) -> tuple[Int32[Array, "G E C"], Float[Array, "G E C"]]:
   """Each expert's top-`capacity` tokens of each routing group: logits [G, N, E] ->
   (token_idx [G, E, C] int32, scores [G, E, C]); ties go to the lower token index."""
@@ -149,7 +149,7 @@ def ec_dispatch(x: Float[Array, "G N D"], token_idx: Int[Array, "G E C"], *, bac
 
 
 def ec_combine(y: Float[Array, "G E C D"], token_idx: Int[Array, "G E C"], weights: Float[Array, "G E C"] | None,
-               num_tokens: int, *, backend: str = "auto") -> Float[Array, "G N D"]:
+               num_tokens, *, backend: str = "auto") -> Float[Array, "G N D"]:
   """Scatter-add [G, E, C, D] -> [G, N, D] of expert outputs to their tokens, each weighted by
   weights [G, E, C] (None: unweighted); differentiable."""
   _xla_only("ec_combine", backend)

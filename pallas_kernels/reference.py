@@ -112,7 +112,7 @@ def tgmm(lhs_MxK: Float[Array, "M K"], grad_MxN: Float[Array, "M N"], group_size
   return jax.lax.platform_dependent(lhs_MxK, grad_MxN, sizes_G, first, cpu=tiled, default=ragged)
 
 
-def expert_choice(logits_GxNxE: Float[Array, "G N E"], capacity: int
+def expert_choice(logits_GxNxE: Float[Array, "G N E"], capacity
                   ) -> tuple[Int32[Array, "G E C"], Float[Array, "G E C"]]:
   """Each expert's top-`capacity` tokens per group; ties go to the lower token index."""
   scores_GxExC, token_idx_GxExC = jax.lax.top_k(jnp.swapaxes(logits_GxNxE, 1, 2), capacity)
@@ -184,7 +184,7 @@ def ec_dispatch(x_GxNxD: Float[Array, "G N D"], token_idx_GxExC: Int[Array, "G E
 
 
 def ec_combine(y_GxExCxD: Float[Array, "G E C D"], token_idx_GxExC: Int[Array, "G E C"],
-               weights_GxExC: Float[Array, "G E C"] | None, num_tokens: int) -> Float[Array, "G N D"]:
+               weights_GxExC: Float[Array, "G E C"] | None, num_tokens) -> Float[Array, "G N D"]:
   """Scatter-add of expert outputs back to token positions, each weighted by weights_GxExC
   (None: unweighted): [G, N, D]. The gradient gathers."""
   groups, _, _, d = y_GxExCxD.shape

@@ -50,8 +50,9 @@ def batch_shards() -> int:
   return math.prod(mesh.shape[a] for a in mesh_axes_of("activation_batch"))
 
 
-def ec_num_groups(ec_group: str, batch: int, shards: int) -> int:
-  """Routing groups of a [batch, L] block: one per sequence, or one per batch shard.
+def ec_num_groups(ec_group: str, batch, shards: int):
+  """Routing groups of a [batch, L] block (batch: an int, or symbolic under jax.export): one per
+  sequence, or one per batch shard.
 
   With `batch`, gcd(batch, shards) keeps an unsharded odd-sized batch (e.g. generation) legal;
   one shard is one group without looking at `batch` (which may be symbolic, in jax.export).

@@ -27,8 +27,9 @@ def _check_activation(activation: str):
     raise ValueError(f"model.moe.router_activation={activation!r}; allowed values: {', '.join(ACTIVATIONS)}")
 
 
-def ec_capacity(num_tokens: int, top_k: int, num_experts: int) -> int:
-  """Tokens each expert takes from a group of `num_tokens`: floor(N*k/E) (at most N)."""
+def ec_capacity(num_tokens, top_k: int, num_experts: int):
+  """Tokens each expert takes from a group of `num_tokens` (an int, or symbolic under jax.export):
+  floor(N*k/E) (at most N)."""
   capacity = num_tokens * top_k // num_experts
   if capacity <= 0:
     raise ValueError(

@@ -22,7 +22,8 @@ from sdlm_jax.data import tokenizer as tokenizer_lib
 demo = repo_module("demo")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRY_POINTS = {"sdlm-train": "train", "sdlm-generate": "generate", "sdlm-eval": "evaluate", "sdlm-aot": "aot"}
+ENTRY_POINTS = {"sdlm-train": "train", "sdlm-generate": "generate", "sdlm-eval": "evaluate", "sdlm-aot": "aot",
+                "sdlm-export": "export"}
 TEXT = ("ROMEO. But soft, what light through yonder window breaks? It is the east, and Juliet is the sun.\n\n"
         "JULIET. O Romeo, Romeo, wherefore art thou Romeo? Deny thy father and refuse thy name.")
 
@@ -120,11 +121,14 @@ FLAGS_OF = {
     "sdlm-train": {"config": f"'{REPO}/configs/demo.py'", "workdir": "'runs/demo'", "distributed": "'false'",
                    "coordinator_address": None, "num_processes": None, "process_id": None,
                    "distributed_timeout": "'300'", "debug": "'false'"},
-    "sdlm-generate": {"workdir": None, "prompt": "\"['']\"", "length": None, "steps": None, "block_size": None,
+    "sdlm-generate": {"workdir": None, "model": None, "step": None, "prompt": "\"['']\"", "length": None, "steps": None, "block_size": None,
                       "temperature": None, "top_p": None, "remasking": None, "cfg_scale": None, "seed": "'0'",
                       "debug": "'false'"},
-    "sdlm-eval": {"workdir": None, "num_batches": None, "num_t_samples": None, "debug": "'false'"},
+    "sdlm-eval": {"workdir": None, "model": None, "step": None, "num_batches": None, "num_t_samples": None, "debug": "'false'"},
     "sdlm-aot": {"config": None, "topology": None, "num_slices": "'1'", "estimate": "'true'", "debug": "'false'"},
+    "sdlm-export": {"workdir": None, "out": None, "step": None, "dtype": None,
+                    "formats": "'orbax,safetensors,stablehlo'", "max_shard_bytes": "'5000000000'",
+                    "platforms": "'cpu,cuda,tpu'", "debug": "'false'"},
 }
 
 

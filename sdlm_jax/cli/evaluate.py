@@ -28,9 +28,10 @@ def main(argv):
   from sdlm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from sdlm_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   from sdlm_jax.train import evaluate  # pylint: disable=import-outside-toplevel
-  cfg, tokenizer, model, step = model_source.load()
+  cfg, tokenizer = model_source.load_config()
   common.apply_flags(cfg.eval, num_batches=_NUM_BATCHES.value, num_t_samples=_NUM_T.value)
-  config_lib.validate_eval(cfg.eval, prefix="--")
+  config_lib.validate_eval(cfg.eval, prefix="--")  # before the checkpoint is read
+  _, _, model, step = model_source.load()
   result = {"step": step, **evaluate.evaluate(cfg, model, tokenizer, progress=True)}
   path = workdir_lib.write_json(model_source.directory(), "eval.json", result)
   print(json.dumps(result, indent=2))

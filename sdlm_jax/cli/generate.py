@@ -69,12 +69,13 @@ def main(argv):
   from sdlm_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   from sdlm_jax.diffusion import sampler  # pylint: disable=import-outside-toplevel
 
-  cfg, tokenizer, model, step = model_source.load()
+  cfg, tokenizer = model_source.load_config()
   prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in _PROMPTS.value]
   fewest_masks = min(p.count(tokenizer.mask_id) for p in prompts)
   s = sample_settings(cfg.sample, fewest_masks)
-  config_lib.validate_sample(s, fewest_masks=fewest_masks, prefix="--")
+  config_lib.validate_sample(s, fewest_masks=fewest_masks, prefix="--")  # before the checkpoint is read
   warn_past_trained_length(max(len(p) for p in prompts), s.length, cfg.data.seq_len)
+  _, _, model, step = model_source.load()
   rows = sampler.complete(
       model, prompts, length=s.length, steps=s.steps, block_size=s.block_size, temperature=s.temperature,
       top_p=s.top_p, remasking=s.remasking, cfg_scale=s.cfg_scale, mask_id=tokenizer.mask_id,

@@ -21,14 +21,31 @@ def directory() -> str:
   return _WORKDIR.value if _WORKDIR.value is not None else _MODEL.value
 
 
-def load():
-  """(cfg, tokenizer, model, step) from --workdir [--step] or --model."""
+def _check_choice():
   if (_WORKDIR.value is None) == (_MODEL.value is None):
     raise UserInputError("give exactly one of --workdir (a run directory) and --model (a directory written by "
                          "sdlm-export)")
   if _MODEL.value is not None and _STEP.value is not None:
     raise UserInputError(f"--step={_STEP.value} goes with --workdir; an export holds one step (its config.json's "
                          "export.step)")
+
+
+def load_config():
+  """(cfg, tokenizer) of --workdir or --model, without reading any weights: flags are checked
+  against them before a checkpoint is read."""
+  _check_choice()
+  if _MODEL.value is not None:
+    from sdlm_jax.export.pretrained import load_config_and_tokenizer  # pylint: disable=import-outside-toplevel
+    return load_config_and_tokenizer(_MODEL.value)
+  from sdlm_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from sdlm_jax.export.directory import check_workdir  # pylint: disable=import-outside-toplevel
+  check_workdir(_WORKDIR.value)
+  return workdir_lib.load_config(_WORKDIR.value), workdir_lib.load_tokenizer(_WORKDIR.value)
+
+
+def load():
+  """(cfg, tokenizer, model, step) from --workdir [--step] or --model."""
+  _check_choice()
   if _MODEL.value is not None:
     from sdlm_jax.export.pretrained import load_pretrained  # pylint: disable=import-outside-toplevel
     model, tokenizer, cfg = load_pretrained(_MODEL.value)

@@ -55,12 +55,19 @@ def _params_from_orbax(path, abstract_params):
     checkpointer.close()
 
 
+def load_config_and_tokenizer(path):
+  """(config, tokenizer) of the export directory `path`, without its weights."""
+  directory = epath.Path(path)
+  cfg = config_of(directory_lib.read_config(directory))
+  return cfg, Tokenizer.load(str(directory / cfg.tokenizer.file))
+
+
 def load_pretrained(path, mesh=None):
   """(model, tokenizer, config) of the export directory `path` (written by sdlm-export)."""
   from sdlm_jax.train.restore import single_device_mesh  # pylint: disable=import-outside-toplevel
   from sdlm_jax.train.state import abstract_model  # pylint: disable=import-outside-toplevel
   directory = epath.Path(path)
-  cfg = config_of(directory_lib.read_config(directory))
+  cfg, tokenizer = load_config_and_tokenizer(path)
   graphdef, params, rest = abstract_model(cfg, single_device_mesh() if mesh is None else mesh)
   if (directory / directory_lib.PARAMS_DIR).exists():
     params = _params_from_orbax(directory.resolve() / directory_lib.PARAMS_DIR, params)
@@ -69,5 +76,4 @@ def load_pretrained(path, mesh=None):
   else:
     raise ExportNotFoundError(f"--model={path}: neither {directory_lib.PARAMS_DIR}/ nor "
                               f"{safetensors_io.SINGLE_FILE} there; export with --formats orbax or safetensors")
-  tokenizer = Tokenizer.load(str(directory / cfg.tokenizer.file))
   return nnx.merge(graphdef, params, rest), tokenizer, cfg

@@ -31,7 +31,7 @@ setup(
         "flatbuffers>=24.3",  # jax.export serialisation (sdlm-export's forward.jax_export)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "beartype>=0.23"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "beartype>=0.23", "matplotlib>=3.7"],
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
         "gpu": [f"jax[cuda12]=={JAX_VERSION}"],
         "tfds": ["tensorflow-datasets>=4.9"],

@@ -93,7 +93,7 @@ class DataConstrained:
   def loss(self, n, u, epochs):
     return self.A / np.power(n, self.alpha) + self.B * np.exp(-self.beta * self.log_effective_data(n, u, epochs))
 
-  def best_epochs(self, n: float, u: float, max_epochs: float = 1e6) -> float:
+  def best_epochs(self, n: float, u: float, max_epochs: int | float = 1e6) -> float:
     """The epoch count of lowest predicted loss (= largest D') in [1, max_epochs]: past it every
     further repetition raises the loss. D' need not be unimodal (the wear-off term has an
     infinite slope at e = 1, so D' first dips below U), hence a log grid, then a bounded refine."""

@@ -39,7 +39,7 @@ MIN_STEPS = 10           # a shorter run is mostly warmup and says nothing about
 MANIFEST = "sweep.json"
 
 
-def hardware_compute(accelerator: str, days: float, mfu: float, num_slices: int = 1) -> dict:
+def hardware_compute(accelerator: str, days: int | float, mfu: float, num_slices: int = 1) -> dict:
   """Training FLOPs of `days` on a TPU slice (e.g. v5p-256) at model FLOPs utilisation `mfu`."""
   if not days > 0:
     raise ValueError(f"--days={days}; allowed values: a number of days > 0")

@@ -24,7 +24,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-from sdlm_jax.config_files import DEMO as DEMO_CONFIG  # noqa: F401 (sdlm-train's default --config)
 from sdlm_jax.errors import UserInputError
 
 FLAGS = flags.FLAGS

@@ -15,6 +15,7 @@ import threading
 
 from absl import app, flags
 
+from sdlm_jax import config_files
 from sdlm_jax.cli import common
 
 PROG = "sdlm-train"
@@ -22,7 +23,7 @@ PROG = "sdlm-train"
 # it is set this much later than --distributed_timeout so that the watchdog speaks first.
 _JAX_TIMEOUT_GRACE_S = 10
 
-_CONFIG = common.define_config(common.DEMO_CONFIG)
+_CONFIG = common.define_config(config_files.DEMO)
 _WORKDIR = common.define_workdir("runs/demo")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (auto on TPU pods).")

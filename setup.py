@@ -29,6 +29,7 @@ setup(
         "jaxtyping>=0.3.11",
         "safetensors>=0.4.3",
         "flatbuffers>=24.3",  # jax.export serialisation (sdlm-export's forward.jax_export)
+        "etils[epath,epath-gcs]>=1.15",  # every path, local or gs:// (gcsfs); orbax uses epath too
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "beartype>=0.23", "matplotlib>=3.7"],

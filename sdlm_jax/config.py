@@ -12,6 +12,7 @@ import jax
 import ml_collections
 
 from pallas_kernels import BACKENDS
+from sdlm_jax import storage
 from sdlm_jax.data.corpus import DATA_SOURCES
 from sdlm_jax.diffusion.objectives import LOSS_NAMES as DIFFUSION_LOSSES
 from sdlm_jax.diffusion.sampler import REMASKING, check_settings
@@ -126,6 +127,9 @@ def _check_data(data):
     raise ConfigError(f"data.paths is empty; data.source={data.source!r} needs comma-separated file globs")
   if not data.data_dir:
     raise ConfigError("data.data_dir is empty; allowed values: a directory for the tokenizer and split caches")
+  if storage.is_remote(data.data_dir):
+    raise ConfigError(f"data.data_dir={data.data_dir!r} is a gs:// URL; allowed values: a local directory (a "
+                      "per-host cache; data.paths and the work dir may be on gs://)")
   _number("data.seq_len", data.seq_len, lo=2, integer=True)
   _number("data.val_fraction", data.val_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
   if data.num_epochs == 0 or data.num_epochs < -1:

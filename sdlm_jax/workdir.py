@@ -4,15 +4,16 @@ WORKDIR/config.json   the full resolved config (generation and evaluation rebuil
 WORKDIR/tokenizer.model  the sentencepiece model the run was trained with
 WORKDIR/checkpoints/  orbax checkpoints (see sdlm_jax.train.checkpoint)
 WORKDIR/metrics.jsonl, WORKDIR/tensorboard/, WORKDIR/eval.json
+
+WORKDIR is a local directory or a gs:// URL (sdlm_jax.storage); every file here goes through it.
 """
 
 import json
-import os
-import shutil
 
 import ml_collections
 
 from sdlm_jax.data.tokenizer import Tokenizer
+from sdlm_jax import storage
 from sdlm_jax.defaults import get_base_config
 from sdlm_jax.errors import InputNotFoundError
 
@@ -21,21 +22,18 @@ TOKENIZER_FILE = "tokenizer.model"
 
 
 def write_json(workdir: str, name: str, obj) -> str:
-  path = os.path.join(workdir, name)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-  return path
+  """Writes WORKDIR/name whole (never a partial file); returns its location."""
+  path = storage.path(workdir) / name
+  storage.write_text(path, json.dumps(obj, indent=2))
+  return str(path)
 
 
 def save_run_files(workdir: str, cfg, tokenizer):
-  os.makedirs(workdir, exist_ok=True)
+  storage.path(workdir).mkdir(parents=True, exist_ok=True)
   write_json(workdir, CONFIG_FILE, cfg.to_dict())
-  target = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.abspath(tokenizer.model_path) != os.path.abspath(target):
-    shutil.copyfile(tokenizer.model_path, target + ".tmp")
-    os.replace(target + ".tmp", target)
+  target = storage.path(workdir) / TOKENIZER_FILE
+  if storage.location(tokenizer.model_path) != str(target):
+    storage.copy_file(tokenizer.model_path, target)
 
 
 # Fields added after run directories were first written, with the value that reproduces
@@ -56,13 +54,12 @@ def _fill_missing(saved: dict, defaults: dict, path=()) -> dict:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's resolved config; fields added since it was written get their old meaning."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = storage.path(workdir) / CONFIG_FILE
+  if not path.exists():
     raise InputNotFoundError(f"{path} not found: is {workdir!r} a directory written by sdlm-train?")
-  with open(path) as f:
-    saved = json.load(f)
+  saved = json.loads(path.read_text())
   return ml_collections.ConfigDict(_fill_missing(saved, get_base_config().to_dict()))
 
 
 def load_tokenizer(workdir: str):
-  return Tokenizer.load(os.path.join(workdir, TOKENIZER_FILE))
+  return Tokenizer.load(str(storage.path(workdir) / TOKENIZER_FILE))

@@ -6,6 +6,7 @@
                 old-spelling folio duplicates `*_gut_f.txt` are skipped
   text_files    UTF-8 files matched by the comma-separated globs in `data.paths`
   array_record  ArrayRecord files matched by `data.paths`, one UTF-8 document per record
+`data.paths` globs may be local or gs:// (sdlm_jax.storage.glob; `**` is local only).
 
 Plain-text works are cut into documents of moderate size (at most MAX_DOC_CHARS): plays at
 act/scene headings, anything still too long into near-equal chunks at paragraph
@@ -20,8 +21,9 @@ import math
 import os
 import re
 
+from sdlm_jax import storage
 from sdlm_jax.data import files
-from sdlm_jax.errors import DataFileError, InputNotFoundError
+from sdlm_jax.errors import DataFileError, InputNotFoundError, UserInputError
 
 DATA_SOURCES = ("shakespeare", "text_files", "array_record")
 MAX_DOC_CHARS = 6000
@@ -142,8 +144,10 @@ def _expand(paths: str) -> list[str]:
   patterns = [p.strip() for p in (paths or "").split(",") if p.strip()]
   if not patterns:
     raise ValueError("data.paths is empty: give comma-separated globs, e.g. '/data/*.txt,/more/**/*.md'")
-  found = sorted({f for p in patterns for f in glob.glob(os.path.expanduser(p), recursive=True)
-                  if os.path.isfile(f)})
+  try:
+    found = sorted({f for p in patterns for f in storage.glob(p)})
+  except UserInputError as e:
+    raise UserInputError(f"data.paths: {e}") from e
   if not found:
     raise InputNotFoundError(f"data.paths={paths!r} matches no files")
   return found
@@ -163,25 +167,24 @@ def source_signature(data_cfg) -> str:
   """Cheap identity of the corpus (file names, sizes, mtimes; no reading) for cache lookup."""
   parts = [data_cfg.source, SPLITTER_VERSION, MAX_DOC_CHARS, MIN_DOC_CHARS]
   for path in source_files(data_cfg):
-    st = os.stat(path)
-    parts += [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+    parts += [storage.location(path), storage.version(path)]
   return files.fingerprint(parts)
 
 
 def _read_text(path: str) -> str:
-  with open(path, encoding="utf-8", errors="replace") as f:
-    return f.read()
+  return storage.path(path).read_bytes().decode("utf-8", errors="replace")
 
 
 def read_records(path: str) -> list[str]:
   """The records of an ArrayRecord file, decoded as UTF-8; DataFileError names a file that is not one."""
   from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
   try:
-    reader = array_record_module.ArrayRecordReader(path)
-    try:
-      return [r.decode("utf-8") for r in reader.read_all()]
-    finally:
-      reader.close()
+    with storage.local_copy(path) as local:
+      reader = array_record_module.ArrayRecordReader(local)
+      try:
+        return [r.decode("utf-8") for r in reader.read_all()]
+      finally:
+        reader.close()
   except RuntimeError as e:  # array_record names the defect, not the file
     raise DataFileError(f"{path} is not a readable ArrayRecord file ({e}); data.source='array_record' reads "
                         "files written by array_record's ArrayRecordWriter, one UTF-8 document per record") from e

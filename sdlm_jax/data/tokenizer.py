@@ -17,6 +17,7 @@ import os
 
 import sentencepiece as spm
 
+from sdlm_jax import storage
 from sdlm_jax.data import files
 from sdlm_jax.errors import InputNotFoundError, UserInputError
 
@@ -33,15 +34,15 @@ class Tokenizer:
   pad_id, unk_id, bos_id, eos_id, mask_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID
 
   def __init__(self, model_path: str):
-    self.model_path = model_path
-    self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    self.model_path = model_path  # local or gs:// (read through sdlm_jax.storage)
+    self._sp = spm.SentencePieceProcessor(model_proto=storage.path(model_path).read_bytes())
     if self._sp.piece_to_id(MASK_PIECE) != MASK_ID or self._sp.pad_id() != PAD_ID:
       raise UserInputError(f"{model_path}: pad/[MASK] are not ids {PAD_ID}/{MASK_ID}; "
                        "not a tokenizer made by sdlm_jax")
 
   @classmethod
   def load(cls, model_path: str) -> "Tokenizer":
-    if not os.path.exists(model_path):
+    if not storage.path(model_path).exists():
       raise InputNotFoundError(f"tokenizer model {model_path} not found")
     return cls(model_path)
 

@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from sdlm_jax import storage
 from sdlm_jax.data import tokenizer as tokenizer_lib
 from sdlm_jax.export import forward as forward_lib
 from sdlm_jax.export import safetensors_io, tensor_names
@@ -85,7 +86,7 @@ def _tokenizer_section(tokenizer) -> dict:
 def export_config(cfg, tokenizer, *, workdir, step: int, dtype: str, files: dict) -> dict:
   """The contents of config.json (see the module docstring)."""
   run = cfg.to_dict()
-  out = {"export": {"format": FORMAT_NAME, "version": FORMAT_VERSION, "workdir": str(epath.Path(workdir).resolve()),
+  out = {"export": {"format": FORMAT_NAME, "version": FORMAT_VERSION, "workdir": storage.location(workdir),
                     "step": int(step), "dtype": dtype, "trained_param_dtype": cfg.model.param_dtype,
                     "files": files},
          "tokenizer": _tokenizer_section(tokenizer)}
@@ -118,7 +119,7 @@ def export_run(workdir, out, *, step=None, dtype=None, formats=FORMATS,
   check_dtype(dtype)
   if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
     raise ExportInputError(f"--max_shard_bytes={max_shard_bytes!r}; allowed values: an integer > 0")
-  out = epath.Path(out)
+  out = storage.path(out)
   _check_out(out)
   check_workdir(workdir)
   cfg, tokenizer, _, params, _, step = restore.restore_run(str(workdir), step, restore.single_device_mesh())
@@ -131,7 +132,7 @@ def export_run(workdir, out, *, step=None, dtype=None, formats=FORMATS,
   out.mkdir(parents=True, exist_ok=True)
   files = {}
   if "orbax" in formats:
-    save_params(out.resolve() / PARAMS_DIR, params)
+    save_params(out / PARAMS_DIR, params)
     files["orbax"] = [PARAMS_DIR]
   if "safetensors" in formats:
     files["safetensors"] = safetensors_io.write(
@@ -139,7 +140,7 @@ def export_run(workdir, out, *, step=None, dtype=None, formats=FORMATS,
   if "stablehlo" in formats:
     forward_lib.write(forward_lib.export_forward(model_cfg, param_specs_of(flat), platforms), out / FORWARD_FILE)
     files["stablehlo"] = [FORWARD_FILE]
-  (out / TOKENIZER_FILE).write_bytes(epath.Path(tokenizer.model_path).read_bytes())
+  storage.copy_file(tokenizer.model_path, out / TOKENIZER_FILE)
   config = export_config(cfg, tokenizer, workdir=workdir, step=step, dtype=dtype, files=files)
   (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
   return config

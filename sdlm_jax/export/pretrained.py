@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from sdlm_jax import storage
 from sdlm_jax.data.tokenizer import Tokenizer
 from sdlm_jax.defaults import get_base_config
 from sdlm_jax.export import directory as directory_lib
@@ -70,7 +71,7 @@ def load_pretrained(path, mesh=None):
   cfg, tokenizer = load_config_and_tokenizer(path)
   graphdef, params, rest = abstract_model(cfg, single_device_mesh() if mesh is None else mesh)
   if (directory / directory_lib.PARAMS_DIR).exists():
-    params = _params_from_orbax(directory.resolve() / directory_lib.PARAMS_DIR, params)
+    params = _params_from_orbax(storage.path(path) / directory_lib.PARAMS_DIR, params)
   elif safetensors_io.exists(directory):
     params = _params_from_safetensors(directory, params, cfg.model)
   else:

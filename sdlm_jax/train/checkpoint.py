@@ -6,13 +6,13 @@ so generation and evaluation restore it without the optimizer state.
 """
 
 import json
-import os
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from sdlm_jax import storage
 from sdlm_jax.errors import InputNotFoundError
 
 
@@ -71,7 +71,7 @@ class Checkpointer:
   """A thin wrapper over ocp.CheckpointManager with this project's items."""
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = storage.path(workdir) / "checkpoints"  # local or gs:// (orbax writes through tensorstore)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(

@@ -7,7 +7,6 @@ step and data-iterator position are restored and training continues as if never 
 A NaN/Inf loss stops the run before any checkpoint of the bad state is written.
 """
 
-import os
 import time
 
 import jax
@@ -16,6 +15,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from sdlm_jax import config as config_lib
+from sdlm_jax import storage
 from sdlm_jax import workdir as workdir_lib
 from sdlm_jax.data import pipeline
 from sdlm_jax.parallel.mesh import make_mesh, num_slices_of
@@ -79,7 +79,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
   config_lib.validate(cfg, jax.device_count(), jax.process_count(), num_slices_of(jax.devices()))
   cfg = cfg.copy_and_resolve_references()
-  cfg.data.data_dir = os.path.abspath(cfg.data.data_dir)  # config.json must work from any directory
+  cfg.data.data_dir = storage.location(cfg.data.data_dir)  # config.json must work from any directory
   is_main = jax.process_index() == 0
   tokenizer, _ = pipeline.prepare(cfg.data, cfg.model.vocab_size)
   if is_main:
@@ -122,6 +122,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
           bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
         if done % cfg.train.checkpoint_every == 0 or is_last:
           pending.check()  # never checkpoint a state whose losses were not checked
+          writer.sync()  # a gs:// work dir has every metric up to `done` before checkpoint `done` exists
           data_states = gather_process_states(pipeline.iterator_state(train_iter))
           ckpt.save(done, program.params, program.opt_state, {"per_process": data_states},
                     {"step": done, "seed": cfg.seed})
@@ -145,7 +146,6 @@ def _write_param_overview(workdir: str, params):
   """WORKDIR/params.txt: every param's name, shape, dtype and size (clu's table); the total is printed."""
   pure = nnx.to_pure_dict(params)
   table = parameter_overview.get_parameter_overview(pure, include_stats=False)
-  with open(os.path.join(workdir, "params.txt"), "w") as f:
-    f.write(table + "\n")
+  storage.write_text(storage.path(workdir) / "params.txt", table + "\n")
   print(f"{parameter_overview.count_parameters(pure):,} parameters (per-param table in {workdir}/params.txt)",
         flush=True)

@@ -2,16 +2,23 @@
 
 metrics.jsonl holds one JSON object per logged step. On resume, lines past the restored
 step are dropped first, so the file always describes exactly one run's history.
+
+On a gs:// work dir (objects there cannot be appended to, and tensorboardX writes local files
+only) both are written to a local staging folder and copied up by `sync()`, which the train
+loop calls before every checkpoint save and at the end: whatever a resume keeps (every line up
+to the restored checkpoint's step) is in the bucket before that checkpoint exists.
 """
 
 import json
 import math
-import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
 
 from pallas_kernels import target
+from sdlm_jax import storage
 
 # Peak dense bf16 FLOP/s of GPUs by device kind (public spec sheets; TPU chips: pallas_kernels.target).
 _GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -64,24 +71,41 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.workdir = storage.path(workdir)
+    self._remote = storage.is_remote(self.workdir)
+    # Where the files are written: the work dir itself, or a local staging folder for gs://.
+    self._local = (storage.path(tempfile.mkdtemp(prefix="sdlm-metrics-")) if self._remote and enabled
+                   else self.workdir)
+    self.path = str(self._local / "metrics.jsonl")
     self._tb = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    self.workdir.mkdir(parents=True, exist_ok=True)
     self._truncate_after(resume_step)
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._tb = SummaryWriter(str(self._local / "tensorboard"))
 
   def _truncate_after(self, step: int):
-    if not os.path.exists(self.path):
+    source = self.workdir / "metrics.jsonl"
+    if not source.exists():
       return
-    with open(self.path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
+    kept = [line for line in source.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= step]
+    storage.write_text(self.path, "".join(kept))
+    if self._remote:
+      storage.write_text(source, "".join(kept))
+
+  def sync(self):
+    """Copies the staged metrics.jsonl and TensorBoard files up to a gs:// work dir (locally: nothing to do)."""
+    if not (self.enabled and self._remote):
+      return
+    if self._tb is not None:
+      self._tb.flush()
+    if storage.path(self.path).exists():
+      storage.copy_file(self.path, self.workdir / "metrics.jsonl")
+    events = self._local / "tensorboard"
+    for event_file in sorted(events.iterdir()) if events.exists() else ():
+      storage.copy_file(event_file, self.workdir / "tensorboard" / event_file.name)
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
@@ -100,3 +124,7 @@ class MetricsWriter:
   def close(self):
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
+      self.sync()
+      if self._remote:
+        shutil.rmtree(self._local, ignore_errors=True)

@@ -26,6 +26,7 @@ import os
 
 import numpy as np
 from etils import epath
+from jaxtyping import Int32
 
 from sdlm_jax.errors import DataFileError, InputNotFoundError, UserInputError
 
@@ -158,5 +159,6 @@ class DecodeTokens:
   def __init__(self, dtype: str):
     self._dtype = np.dtype(dtype).newbyteorder("<")
 
-  def __call__(self, record: bytes) -> np.ndarray:
-    return np.frombuffer(record, self._dtype).astype(np.int32)
+  def __call__(self, record: bytes) -> Int32[np.ndarray, "T"]:
+    tokens_T = np.frombuffer(record, self._dtype).astype(np.int32)
+    return tokens_T

@@ -10,6 +10,8 @@ reports for each
   start-up     process start to the first logged step of a smoke training run
                (configs/demo.py:ec,smoke on the prepared set, log_every=1), and the trainer's
                RSS at that moment
+  data set-up  in a fresh process, after the imports: open the prepared set and draw the
+               first batch (the part of start-up that could depend on the corpus)
 The start-up runs alternate small, large, small, large, ... (--rounds) so machine load hits
 both alike; the median is reported. The checks: peak RSS(large) <= 1.5 x peak RSS(small), and
 start-up(large) <= 1.5 x start-up(small).
@@ -113,6 +115,18 @@ def startup(prepared_dir: str, workdir: str, cache: str) -> tuple[float, int]:
   return seconds, rss
 
 
+def data_setup(prepared_dir: str, cache: str) -> float:
+  """Seconds to open a prepared set and draw the first batch, in a fresh process after its imports."""
+  code = ("import time\nfrom sdlm_jax.defaults import get_base_config\nfrom sdlm_jax.data import pipeline\n"
+          "t = time.perf_counter()\n"
+          "c = get_base_config().data; c.source = 'prepared'; c.paths = %r; c.data_dir = %r; c.seq_len = 32\n"
+          "tok, _ = pipeline.prepare(c, 512)\n"
+          "it = pipeline.make_iterator(c, tok, split='train', batch_size=8, seed=0); next(it)\n"
+          "print(time.perf_counter() - t)" % (prepared_dir, cache))
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+  return float(proc.stdout.strip().splitlines()[-1])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--small_mb", type=int, default=30)
@@ -135,8 +149,10 @@ def main():
       results[name] = {"input_mb": in_bytes / 2**20, **prepare(inp, out)}
       print(f"prepared {name}: {results[name]}", flush=True)
     times = {name: [] for name in sizes}
+    setup = {name: [] for name in sizes}
     for _ in range(args.rounds):
       for name in sizes:
+        setup[name].append(data_setup(os.path.join(root, f"{name}-prepared"), os.path.join(root, "cache")))
         seconds, rss = startup(os.path.join(root, f"{name}-prepared"), os.path.join(root, f"{name}-run"),
                                os.path.join(root, "cache"))
         times[name].append(seconds)
@@ -144,12 +160,12 @@ def main():
         print(f"start-up {name}: {seconds:.1f} s, RSS {rss / 2**20:.0f} MiB", flush=True)
     print()
     print(f"{'corpus':8} {'input MB':>9} {'tokens':>12} {'prepare s':>10} {'MB/s':>7} {'peak RSS MiB':>13} "
-          f"{'(1 proc)':>9} {'start-up s':>11} {'train RSS MiB':>14}")
+          f"{'(1 proc)':>9} {'start-up s':>11} {'train RSS MiB':>14} {'data set-up s':>14}")
     for name, r in results.items():
       r["startup"] = statistics.median(times[name])
       print(f"{name:8} {r['input_mb']:9.1f} {r['tokens']:12,d} {r['seconds']:10.1f} "
             f"{r['input_mb'] / r['seconds']:7.2f} {r['peak_rss'] / 2**20:13.0f} {r['peak_rss_one'] / 2**20:9.0f} "
-            f"{r['startup']:11.1f} {r['train_rss'] / 2**20:14.0f}")
+            f"{r['startup']:11.1f} {r['train_rss'] / 2**20:14.0f} {statistics.median(setup[name]):14.2f}")
     rss_ratio = results["large"]["peak_rss"] / results["small"]["peak_rss"]
     start_ratio = results["large"]["startup"] / results["small"]["startup"]
     print(f"\npeak RSS large/small = {rss_ratio:.2f} (<= 1.5: {'ok' if rss_ratio <= 1.5 else 'FAIL'}); "

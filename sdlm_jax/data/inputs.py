@@ -23,6 +23,7 @@ import re
 
 from etils import epath
 
+from sdlm_jax.data import prepared
 from sdlm_jax.errors import DataFileError, InputNotFoundError, UserInputError
 
 EXTENSIONS = (".txt", ".jsonl", ".jsonl.gz", ".array_record")
@@ -126,6 +127,7 @@ def plan_parts(spec: str, *, target_size: int, tfds_data_dir: str | None = None)
 
 def _num_records(path: str) -> int:
   from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+  prepared.honour_storage_emulator()
   try:
     reader = array_record_module.ArrayRecordReader(path)
   except (RuntimeError, ValueError) as e:
@@ -175,6 +177,7 @@ def _read_jsonl_gz(path: str, text_field: str):
 
 def _read_array_record(path: str, lo: int, hi: int, chunk: int = 256):
   from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+  prepared.honour_storage_emulator()
   reader = array_record_module.ArrayRecordReader(path, "readahead_buffer_size:0")
   try:
     for start in range(lo, hi, chunk):

@@ -176,10 +176,7 @@ def _tokenizer(plan: dict, opts: Options, out: epath.Path, log) -> tokenizer_lib
     if dest.exists():
       data = dest.read_bytes()
     elif opts.tokenizer:
-      src = epath.Path(opts.tokenizer)
-      if not src.exists():
-        raise InputNotFoundError(f"--tokenizer {opts.tokenizer} not found")
-      data = src.read_bytes()
+      data = epath.Path(opts.tokenizer).read_bytes()
     else:
       start = time.perf_counter()
       docs = _sample(plan, opts, opts.sample_chars)
@@ -192,11 +189,27 @@ def _tokenizer(plan: dict, opts: Options, out: epath.Path, log) -> tokenizer_lib
           f"in {time.perf_counter() - start:.1f} s")
     with open(local, "wb") as f:
       f.write(data)
-    tok = tokenizer_lib.Tokenizer(local)  # checks the special ids
+    _check_special_ids(local, opts.tokenizer or str(dest))
+    tok = tokenizer_lib.Tokenizer(local)
     if not dest.exists():
       _write_bytes(dest, data)
   tok.model_path = str(dest)
   return tok
+
+
+def _check_special_ids(path: str, name: str):
+  """The ids the diffusion stack relies on (tokenizer.py); one line naming those that differ."""
+  sp = spm.SentencePieceProcessor(model_file=path)
+  have = {"pad": sp.pad_id(), "unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id(),
+          "[MASK]": sp.piece_to_id(tokenizer_lib.MASK_PIECE) if sp.get_piece_size() > tokenizer_lib.MASK_ID else -1}
+  want = {"pad": tokenizer_lib.PAD_ID, "unk": tokenizer_lib.UNK_ID, "bos": tokenizer_lib.BOS_ID,
+          "eos": tokenizer_lib.EOS_ID, "[MASK]": tokenizer_lib.MASK_ID}
+  wrong = [f"{k} is {have[k]}" for k in want if have[k] != want[k]]
+  if wrong:
+    raise UserInputError(
+        f"--tokenizer {name}: {', '.join(wrong)}; sdlm_jax needs pad 0, unk 1, bos 2, eos 3 and a "
+        f"{tokenizer_lib.MASK_PIECE} piece at 4 (spm_train --pad_id=0 --unk_id=1 --bos_id=2 --eos_id=3 "
+        f"--user_defined_symbols={tokenizer_lib.MASK_PIECE}), or leave --tokenizer out to train one")
 
 
 # ------------------------------------------------------------------ shards
@@ -275,6 +288,15 @@ def run(opts: Options, log=print) -> dict:
   """Prepares (or finishes preparing) opts.out; returns the manifest."""
   _check(opts)
   out = epath.Path(prepared.absolute(opts.out))
+  if opts.tokenizer:  # before anything is written to --out
+    src = epath.Path(opts.tokenizer)
+    if not src.exists():
+      raise InputNotFoundError(f"--tokenizer {opts.tokenizer} not found")
+    with tempfile.TemporaryDirectory() as tmp_dir:
+      local = os.path.join(tmp_dir, prepared.TOKENIZER)
+      with open(local, "wb") as f:
+        f.write(src.read_bytes())
+      _check_special_ids(local, opts.tokenizer)
   out.mkdir(parents=True, exist_ok=True)
   plan = _plan(opts, out)
   tok = _tokenizer(plan, opts, out, log)

@@ -14,8 +14,9 @@
 Training (`data.source='prepared'`, `data.paths=DIR`) opens only the manifest: the shards
 are handed to grain's ArrayRecordDataSource as `FILE[0:N]` read instructions built from
 the manifest's counts, so nothing is opened, listed or copied at start-up and host memory
-does not grow with the corpus. Every access goes through etils.epath; the ArrayRecord
-reader itself (C++, riegeli) opens `gs://` paths natively.
+does not grow with the corpus. Every other access goes through etils.epath; the ArrayRecord
+reader itself (C++, riegeli's GcsReader) opens `gs://` paths natively, with the machine's
+default credentials, or a local emulator named by STORAGE_EMULATOR_HOST.
 """
 
 import functools
@@ -52,6 +53,17 @@ def token_dtype(vocab_size: int) -> str:
 
 def is_remote(path: str) -> bool:
   return "://" in str(path)
+
+
+def honour_storage_emulator():
+  """Points array_record's C++ GCS client at $STORAGE_EMULATOR_HOST when that is set.
+
+  gcsfs (hence etils.epath) reads the standard STORAGE_EMULATOR_HOST; the ArrayRecord reader
+  (riegeli's GcsReader, google-cloud-cpp) reads CLOUD_STORAGE_EMULATOR_ENDPOINT instead.
+  """
+  host = os.environ.get("STORAGE_EMULATOR_HOST")
+  if host and "CLOUD_STORAGE_EMULATOR_ENDPOINT" not in os.environ:
+    os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = host if "://" in host else f"http://{host}"
 
 
 def absolute(directory: str) -> str:
@@ -122,6 +134,7 @@ def read_instructions(directory: str, split: str, *, unique_tokens: int = 0, see
   tokens. Only that last shard's stats file is read.
   """
   directory = absolute(directory)
+  honour_storage_emulator()
   info = split_info(directory, split)
   shards = [(k, s) for k, s in enumerate(info["shards"]) if s["documents"]]
   if not unique_tokens:

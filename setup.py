@@ -46,6 +46,7 @@ setup(
             "sdlm-aot=sdlm_jax.cli.aot:run",
             "sdlm-scaling=sdlm_jax.cli.scaling:run",
             "sdlm-export=sdlm_jax.cli.export:run",
+            "sdlm-prepare=sdlm_jax.cli.prepare:run",
         ]
     },
 )

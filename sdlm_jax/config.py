@@ -124,7 +124,8 @@ def _check_diffusion(d, causal):
 def _check_data(data):
   _one_of("data.source", data.source, DATA_SOURCES)
   if data.source != "shakespeare" and not data.paths:
-    raise ConfigError(f"data.paths is empty; data.source={data.source!r} needs comma-separated file globs")
+    raise ConfigError(f"data.paths is empty; data.source={data.source!r} needs "
+                      f"{'the directory sdlm-prepare wrote' if data.source == 'prepared' else 'comma-separated file globs'}")
   if not data.data_dir:
     raise ConfigError("data.data_dir is empty; allowed values: a directory for the tokenizer and split caches")
   if storage.is_remote(data.data_dir):
@@ -136,6 +137,11 @@ def _check_data(data):
     raise ConfigError(f"data.num_epochs={data.num_epochs}; allowed values: -1 (forever) or >= 1")
   _one_of("data.shuffle", data.shuffle, (True, False))
   _positive("data.tokenizer_sample_chars", data.tokenizer_sample_chars)
+  _number("data.unique_tokens", data.unique_tokens, lo=0, integer=True, note="(0: the whole train split)")
+  _number("data.shuffle_window", data.shuffle_window, lo=0, integer=True, note="(0: global shuffle)")
+  if data.unique_tokens and data.source != "prepared":
+    raise ConfigError(f"data.unique_tokens={data.unique_tokens} needs data.source='prepared' (counts come from "
+                      f"its manifest); data.source={data.source!r} allows only 0")
 
 
 def _check_optimizer(o, num_steps):
@@ -186,6 +192,8 @@ def validate_eval(e: ml_collections.ConfigDict, prefix: str = "eval."):
   _positive(f"{prefix}num_batches", e.num_batches)
   _positive(f"{prefix}num_t_samples", e.num_t_samples)
   _number(f"{prefix}seed", e.seed, integer=True)
+  if "every_epochs" in e:
+    _number(f"{prefix}every_epochs", e.every_epochs, lo=0, integer=True, note="(0: off)")
 
 
 def validate_sample(s: ml_collections.ConfigDict, *, fewest_masks: int = 0, prefix: str = "sample."):

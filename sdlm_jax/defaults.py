@@ -59,14 +59,17 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- data
   data = c.data = ml_collections.ConfigDict()
-  data.source = "shakespeare"  # shakespeare | text_files | array_record
-  data.paths = ""              # comma-separated globs for text_files / array_record
+  data.source = "shakespeare"  # shakespeare | text_files | array_record | prepared
+  data.paths = ""              # comma-separated globs for text_files / array_record; the directory for prepared
   data.data_dir = "data_cache"  # tokenizer and ArrayRecord shards are cached here
   data.seq_len = 128
   data.val_fraction = 0.05     # share of documents held out for validation
   data.num_epochs = -1         # -1: repeat forever
   data.shuffle = True
   data.tokenizer_sample_chars = 4_000_000  # characters the tokenizer is trained on
+  # prepared source (data.paths = a directory written by sdlm-prepare, local or gs://):
+  data.unique_tokens = 0       # >0: train on a seed-chosen subset of this many train tokens, repeated (epochs)
+  data.shuffle_window = 0      # 0: global shuffle; W: shuffle windows of W documents, then inside each
 
   # ---------------------------------------------------------------- training
   t = c.train = ml_collections.ConfigDict()
@@ -95,6 +98,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.num_batches = 8            # validation batches for the ELBO bound
   e.num_t_samples = 4          # antithetic t samples per sequence
   e.seed = 1234
+  e.every_epochs = 0           # >0: also evaluate each time training passes this many epochs of its data
 
   # ---------------------------------------------------------------- sampling defaults
   s = c.sample = ml_collections.ConfigDict()

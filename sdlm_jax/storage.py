@@ -15,6 +15,7 @@ STORAGE_EMULATOR_HOST (the Cloud Storage client libraries' standard variable, e.
   tensorstore  its gcs driver takes the endpoint from TENSORSTORE_GCS_HTTP_URL and, with
                GOOGLE_AUTH_TOKEN_FOR_TESTING set, a fixed bearer token instead of credentials
                (orbax writes and reads checkpoint arrays through it)
+  array_record its C++ reader (riegeli, google-cloud-cpp) reads CLOUD_STORAGE_EMULATOR_ENDPOINT
 
 Values already set in the environment are kept. Without STORAGE_EMULATOR_HOST nothing is
 changed: gs:// goes to Cloud Storage with the machine's default credentials.
@@ -50,6 +51,7 @@ def configure_emulator() -> str | None:
   if url is None:
     return None
   os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
+  os.environ.setdefault("CLOUD_STORAGE_EMULATOR_ENDPOINT", url)  # array_record's reader (google-cloud-cpp)
   os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
   os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # read when gcsfs is imported
   os.environ.setdefault("FSSPEC_GCS_TOKEN", "anon")  # read when fsspec is imported

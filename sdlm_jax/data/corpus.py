@@ -6,6 +6,8 @@
                 old-spelling folio duplicates `*_gut_f.txt` are skipped
   text_files    UTF-8 files matched by the comma-separated globs in `data.paths`
   array_record  ArrayRecord files matched by `data.paths`, one UTF-8 document per record
+  prepared      a directory written by `sdlm-prepare` (pre-tokenized shards; see prepared.py,
+                which reads it: nothing in this module does)
 `data.paths` globs may be local or gs:// (sdlm_jax.storage.glob; `**` is local only).
 
 Plain-text works are cut into documents of moderate size (at most MAX_DOC_CHARS): plays at
@@ -25,7 +27,7 @@ from sdlm_jax import storage
 from sdlm_jax.data import files
 from sdlm_jax.errors import DataFileError, InputNotFoundError, UserInputError
 
-DATA_SOURCES = ("shakespeare", "text_files", "array_record")
+DATA_SOURCES = ("shakespeare", "text_files", "array_record", "prepared")
 MAX_DOC_CHARS = 6000
 MIN_DOC_CHARS = 1000
 # Bump when the way documents are cut changes: it is part of every cache key.

@@ -27,6 +27,8 @@ import numpy as np
 from sdlm_jax.data import corpus
 from sdlm_jax.data import files
 from sdlm_jax.data import packing
+from sdlm_jax.data import prepared
+from sdlm_jax.data import shuffling
 from sdlm_jax.data import splits
 from sdlm_jax.data import tokenizer as tokenizer_lib
 from sdlm_jax.data.tokenizer import Tokenizer
@@ -42,6 +44,10 @@ def prepare(data_cfg, vocab_size: int) -> tuple[Tokenizer, dict[str, str]]:
   Returns (tokenizer, {"train": path, "val": path}). A second call with an unchanged
   corpus reads no documents: it finds both in data.data_dir.
   """
+  if data_cfg.source == "prepared":
+    tokenizer = Tokenizer.load(prepared.local_tokenizer(data_cfg.paths, data_cfg.data_dir))
+    _check_vocab(tokenizer, vocab_size)
+    return tokenizer, {s: prepared.absolute(data_cfg.paths) for s in SPLITS}
   found = splits.find(data_cfg)
   train_docs = None
   if found:
@@ -61,10 +67,19 @@ def prepare(data_cfg, vocab_size: int) -> tuple[Tokenizer, dict[str, str]]:
                        "lower data.val_fraction or add data")
     tokenizer = tokenizer_lib.load_or_train(
         data_cfg.data_dir, train_docs, vocab_size, data_cfg.tokenizer_sample_chars, fingerprint=key)
+  _check_vocab(tokenizer, vocab_size)
+  return tokenizer, paths
+
+
+def _check_vocab(tokenizer: Tokenizer, vocab_size: int):
   if tokenizer.vocab_size > vocab_size:
     raise UserInputError(f"tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces but "
-                     f"model.vocab_size={vocab_size}")
-  return tokenizer, paths
+                     f"model.vocab_size={vocab_size}; allowed values: >= {tokenizer.vocab_size}")
+
+
+def absolute_paths(data_cfg) -> str:
+  """data.paths as config.json should keep it: a local prepared directory made absolute."""
+  return prepared.absolute(data_cfg.paths) if data_cfg.source == "prepared" else data_cfg.paths
 
 
 def split_path(data_cfg, split: str) -> str:
@@ -102,16 +117,34 @@ def document_dataset(data_cfg, *, split: str, seed: int, process_index: int = 0,
   """The (UTF-8 bytes) documents this process reads, in reading order: shard, shuffle, repeat."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
-  path = split_path(data_cfg, split)
-  source = grain.sources.ArrayRecordDataSource(path)
+  if data_cfg.source == "prepared":
+    path = prepared.absolute(data_cfg.paths)
+    files_, _ = training_set(data_cfg, split, seed)
+    source = grain.sources.ArrayRecordDataSource(files_) if files_ else []
+  else:
+    path = split_path(data_cfg, split)
+    source = grain.sources.ArrayRecordDataSource(path)
   if len(source) == 0:
     raise DataFileError(f"the {split} split is empty (data.val_fraction={data_cfg.val_fraction}): {path}")
   ds = grain.MapDataset.source(source)[process_index::process_count]
   if len(ds) == 0:
     raise DataFileError(f"the {split} split has {len(source)} documents, too few for {process_count} processes")
   if data_cfg.shuffle if shuffle is None else shuffle:
-    ds = ds.shuffle(seed=seed % (1 << 32))
+    ds = shuffling.shuffle(ds, seed=seed % (1 << 32), window=data_cfg.shuffle_window)
   return ds.repeat(_epochs(num_epochs))
+
+
+def training_set(data_cfg, split: str, seed: int) -> tuple[list[str], int]:
+  """prepared source: (grain read instructions, tokens) of a split, data.unique_tokens applied to train."""
+  unique = data_cfg.unique_tokens if split == "train" else 0
+  return prepared.read_instructions(data_cfg.paths, split, unique_tokens=unique, seed=seed)
+
+
+def train_tokens(data_cfg, tokenizer: Tokenizer, seed: int) -> int:
+  """Tokens (BOS/EOS included) of the documents training cycles through: one epoch."""
+  if data_cfg.source == "prepared":
+    return training_set(data_cfg, "train", seed)[1]
+  return int(token_counts(data_cfg, tokenizer, "train").sum())
 
 
 def make_dataset(data_cfg, tokenizer: Tokenizer, *, split: str, batch_size: int, seed: int,
@@ -122,7 +155,11 @@ def make_dataset(data_cfg, tokenizer: Tokenizer, *, split: str, batch_size: int,
     raise ValueError(f"batch_size={batch_size}; it is the per-process batch and must be >= 1")
   docs = document_dataset(data_cfg, split=split, seed=seed, process_index=process_index,
                           process_count=process_count, num_epochs=num_epochs, shuffle=shuffle)
-  ds = docs.map(_Tokenize(tokenizer)).to_iter_dataset(_READ_OPTIONS)
+  if data_cfg.source == "prepared":
+    to_tokens = prepared.DecodeTokens(prepared.load_manifest(data_cfg.paths)["token_dtype"])
+  else:
+    to_tokens = _Tokenize(tokenizer)
+  ds = docs.map(to_tokens).to_iter_dataset(_READ_OPTIONS)
   ds = packing.PackIterDataset(ds, seq_len=data_cfg.seq_len, pad_id=tokenizer.pad_id)
   return ds.batch(batch_size, drop_remainder=True)
 
@@ -156,15 +193,24 @@ def restore_iterator(it: grain.DatasetIterator, state: dict) -> None:
 
 
 def token_counts(data_cfg, tokenizer: Tokenizer, split: str = "train") -> np.ndarray:
-  """Unigram counts [tokenizer.vocab_size] over a split, BOS/EOS included (cached)."""
+  """Unigram counts [tokenizer.vocab_size] over a split, BOS/EOS included (cached).
+
+  prepared source: the manifest's counts. Otherwise the split is tokenized once, on all
+  cores, and the counts cached next to it.
+  """
+  if data_cfg.source == "prepared":
+    return prepared.unigram_counts(data_cfg.paths, split)
   path = split_path(data_cfg, split)
   cache = f"{path}.counts-{tokenizer.fingerprint}.npy"
   if os.path.exists(cache):
     return np.load(cache)
   counts = np.zeros(tokenizer.vocab_size, np.int64)
-  for doc in corpus.read_records(path):
-    ids = [tokenizer.bos_id, *tokenizer.encode(doc), tokenizer.eos_id]
+  docs = corpus.read_records(path)
+  for start in range(0, len(docs), 1024):
+    batch = tokenizer.encode_batch(docs[start:start + 1024])
+    ids = np.concatenate([np.asarray(b, np.int64) for b in batch] + [np.zeros(0, np.int64)])
     counts += np.bincount(ids, minlength=tokenizer.vocab_size)
+    counts[[tokenizer.bos_id, tokenizer.eos_id]] += len(batch)
   with files.atomic_path(cache) as tmp:
     with open(tmp, "wb") as f:
       np.save(f, counts)

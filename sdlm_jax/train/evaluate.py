@@ -2,7 +2,9 @@
 
 The ELBO uses antithetic t, a fixed number of samples and a fixed seed, so the number is
 reproducible; the unigram model (add-one smoothed, fit on the training split) is the floor
-any language model must beat by far.
+any language model must beat by far. Its counts come from the prepared data's manifest
+(counted once by sdlm-prepare), or for the other sources from one cached pass over the
+training split on all cores.
 """
 
 import math
@@ -27,7 +29,9 @@ def validation_batches(cfg, tokenizer, batch_size: int, num_batches: int) -> lis
     if len(batches) == num_batches:
       break
   if not batches:
-    raise DataFileError("the validation split is empty: raise data.val_fraction or add data")
+    raise DataFileError(f"the validation split holds less than one batch ({batch_size} x data.seq_len="
+                        f"{cfg.data.seq_len} tokens; data.val_fraction={cfg.data.val_fraction}, "
+                        f"data.source={cfg.data.source!r}): raise data.val_fraction or add data")
   return batches
 
 

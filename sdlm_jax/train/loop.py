@@ -10,8 +10,10 @@ A NaN/Inf loss stops the run before any checkpoint of the bad state is written.
 import time
 
 import jax
+import numpy as np
 from clu import parameter_overview
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from sdlm_jax import config as config_lib
@@ -80,8 +82,12 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   config_lib.validate(cfg, jax.device_count(), jax.process_count(), num_slices_of(jax.devices()))
   cfg = cfg.copy_and_resolve_references()
   cfg.data.data_dir = storage.location(cfg.data.data_dir)  # config.json must work from any directory
+  cfg.data.paths = pipeline.absolute_paths(cfg.data)
   is_main = jax.process_index() == 0
   tokenizer, _ = pipeline.prepare(cfg.data, cfg.model.vocab_size)
+  # Data checks before anything is written: an empty validation split, the size of one epoch.
+  evaluate.validation_batches(cfg, tokenizer, cfg.train.batch_size, 1)
+  epoch_tokens = pipeline.train_tokens(cfg.data, tokenizer, cfg.seed)
   if is_main:
     workdir_lib.save_run_files(workdir, cfg, tokenizer)
 
@@ -108,17 +114,23 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   bar = tqdm(total=cfg.train.num_steps, initial=start_step, disable=not (progress and is_main),
              desc="train", unit="step", dynamic_ncols=True)
   last = {}
+  epochs = _Epochs(tokens_per_step, epoch_tokens, cfg.eval.every_epochs)
+  agree_on_end = cfg.data.num_epochs != -1 and jax.process_count() > 1
+  done = saved = start_step
   try:
     with program.context():
       for step in range(start_step, cfg.train.num_steps):
-        batch = program.global_batch(next(train_iter))
+        local_batch = _next_or_none(train_iter, agree_on_end)
+        if local_batch is None:
+          break
+        batch = program.global_batch(local_batch)
         program.params, program.opt_state, metrics = program.step(program.params, program.opt_state, batch, step)
         pending.add(step, metrics)
         done = step + 1
         is_last = done == cfg.train.num_steps
         if done % cfg.train.log_every == 0 or is_last:
           last = pending.flush() or last
-          writer.write(done, last)
+          writer.write(done, {**last, "epoch": epochs.at(done)})
           bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
         if done % cfg.train.checkpoint_every == 0 or is_last:
           pending.check()  # never checkpoint a state whose losses were not checked
@@ -126,20 +138,63 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
           data_states = gather_process_states(pipeline.iterator_state(train_iter))
           ckpt.save(done, program.params, program.opt_state, {"per_process": data_states},
                     {"step": done, "seed": cfg.seed})
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and not is_last:
-          writer.write(done, evaluate.evaluate(cfg, program.model(), tokenizer))
+          saved = done
+        periodic = cfg.train.eval_every and done % cfg.train.eval_every == 0
+        if (periodic or epochs.boundary(done)) and not is_last:
+          writer.write(done, {**evaluate.evaluate(cfg, program.model(), tokenizer), "epoch": epochs.at(done)})
         bar.update(1)
+      if done < cfg.train.num_steps:  # the data ended first (a finite data.num_epochs)
+        if pending.items:
+          last = pending.flush()
+          writer.write(done, {**last, "epoch": epochs.at(done)})
+        if saved != done:
+          data_states = gather_process_states(pipeline.iterator_state(train_iter))
+          ckpt.save(done, program.params, program.opt_state, {"per_process": data_states},
+                    {"step": done, "seed": cfg.seed})
+        print(f"The training data ended after step {done} of train.num_steps={cfg.train.num_steps} "
+              f"(data.num_epochs={cfg.data.num_epochs}, epoch {epochs.at(done):.3f}); the final checkpoint is "
+              f"step {done}.", flush=True)
       result = evaluate.evaluate(cfg, program.model(), tokenizer)
-      if start_step < cfg.train.num_steps:  # a finished run re-evaluates without re-logging
-        writer.write(cfg.train.num_steps, result)
+      if start_step < done:  # a finished run re-evaluates without re-logging
+        writer.write(done, result)
       if is_main:
-        workdir_lib.write_json(workdir, "eval.json", {"step": cfg.train.num_steps, **result})
+        workdir_lib.write_json(workdir, "eval.json", {"step": done, **result})
   finally:
     bar.close()
     ckpt.wait()
     ckpt.close()
     writer.close()
   return result
+
+
+class _Epochs:
+  """Epochs of the training data passed after a step: tokens seen / tokens of one pass (all processes)."""
+
+  def __init__(self, tokens_per_step: int, epoch_tokens: int, every: int):
+    self.tokens_per_step, self.epoch_tokens, self.every = tokens_per_step, max(1, epoch_tokens), every
+
+  def at(self, step: int) -> float:
+    return step * self.tokens_per_step / self.epoch_tokens
+
+  def boundary(self, step: int) -> bool:
+    """Whether step crossed a multiple of eval.every_epochs epochs (0: never)."""
+    if not self.every:
+      return False
+    size = self.every * self.epoch_tokens
+    return step * self.tokens_per_step // size > (step - 1) * self.tokens_per_step // size
+
+
+def _next_or_none(it, agree: bool):
+  """The next local batch, or None at the end of the data; `agree`: all processes stop together."""
+  try:
+    batch = next(it)
+  except StopIteration:
+    batch = None
+  if agree:
+    have = multihost_utils.process_allgather(np.int32(batch is not None))
+    if not np.all(have):
+      return None
+  return batch
 
 
 def _write_param_overview(workdir: str, params):

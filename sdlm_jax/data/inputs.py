@@ -23,7 +23,6 @@ import re
 
 from etils import epath
 
-from sdlm_jax.data import prepared
 from sdlm_jax.errors import DataFileError, InputNotFoundError, UserInputError
 
 EXTENSIONS = (".txt", ".jsonl", ".jsonl.gz", ".array_record")

@@ -33,6 +33,10 @@ from etils import epath
 from sdlm_jax.errors import UserInputError
 
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+# What configure_emulator sets from STORAGE_EMULATOR_HOST, one variable per storage client.
+CLIENT_EMULATOR_ENVS = ("TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT",
+                        "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+                        "FSSPEC_GCS_TOKEN")
 REMOTE_PREFIXES = ("gs://",)
 _GLOB_CHARS = frozenset("*?[")
 

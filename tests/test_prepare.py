@@ -248,33 +248,6 @@ def test_windowed_shuffle_is_a_new_permutation_every_epoch(n, window):
     assert epochs[0] != epochs[1]
 
 
-@pytest.fixture()
-def gcs_emulator(monkeypatch):
-  """A real local GCS server (gcp-storage-emulator) on 127.0.0.1 with a bucket `sdlmtest`."""
-  import shutil  # pylint: disable=import-outside-toplevel
-  import socket  # pylint: disable=import-outside-toplevel
-  import time  # pylint: disable=import-outside-toplevel
-  exe = shutil.which("gcp-storage-emulator")
-  if exe is None:
-    pytest.skip("gcp-storage-emulator is not installed")
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  server = subprocess.Popen([exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
-                             "--default-bucket", "sdlmtest"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 30
-  while time.time() < deadline:
-    with socket.socket() as s:
-      if s.connect_ex(("127.0.0.1", port)) == 0:
-        break
-    time.sleep(0.1)
-  monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-  monkeypatch.delenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", raising=False)
-  yield "gs://sdlmtest"
-  server.kill()
-  server.wait()
-
-
 def test_prepare_to_and_train_reads_from_gcs(tmp_path, corpus_dir, gcs_emulator):
   """The same prepare on local disk and on gs:// gives the same manifest and the same batches."""
   opts = dict(input=_spec(corpus_dir), vocab_size=400, val_fraction=VAL, num_shards=3, workers=1,

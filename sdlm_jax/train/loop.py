@@ -24,6 +24,7 @@ from sdlm_jax.parallel.mesh import make_mesh, num_slices_of
 from sdlm_jax.scaling.flops import flops_per_token
 from sdlm_jax.train import evaluate
 from sdlm_jax.train import program as program_lib
+from sdlm_jax.train import resume_rules
 from sdlm_jax.train.checkpoint import Checkpointer, agreed_latest_step, gather_process_states, own_process_state
 from sdlm_jax.train.metrics import MetricsWriter, first_nonfinite, peak_flops_per_device, summarize
 
@@ -77,18 +78,28 @@ class _Pending:
     return out
 
 
-def train(cfg, workdir: str, *, progress: bool = True) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
+def train(cfg, workdir: str, *, progress: bool = True, allow_changed=()) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics.
+
+  A run directory that already holds config.json is resumed under sdlm_jax.train.resume_rules:
+  its stored config and tokenizer are authoritative, `allow_changed` names the optimizer-like
+  fields this resume may change.
+  """
   config_lib.validate(cfg, jax.device_count(), jax.process_count(), num_slices_of(jax.devices()))
   cfg = cfg.copy_and_resolve_references()
   cfg.data.data_dir = storage.location(cfg.data.data_dir)  # config.json must work from any directory
   cfg.data.paths = pipeline.absolute_paths(cfg.data)
   is_main = jax.process_index() == 0
+  # Checks before anything is written: the stored config's rules, an empty validation split,
+  # the size of one epoch, the tokenizer a resume would use.
+  resuming = workdir_lib.has_config(workdir)
+  history = resume_rules.check_workdir(workdir, cfg, allow_changed) if resuming else None
   tokenizer, _ = pipeline.prepare(cfg.data, cfg.model.vocab_size)
-  # Data checks before anything is written: an empty validation split, the size of one epoch.
   evaluate.validation_batches(cfg, tokenizer, cfg.train.batch_size, 1)
   epoch_tokens = pipeline.train_tokens(cfg.data, tokenizer, cfg.seed)
-  if is_main:
+  if resuming:
+    resume_rules.check_tokenizer(workdir, tokenizer)
+  elif is_main:
     workdir_lib.save_run_files(workdir, cfg, tokenizer)
 
   local_batch = cfg.train.batch_size // jax.process_count()
@@ -99,6 +110,8 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
 
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   start_step = agreed_latest_step(ckpt)
+  if history and is_main:
+    workdir_lib.append_history(workdir, {**history, "step": start_step})
   # On resume the state is only described, then restored straight onto its shardings.
   program = program_lib.build(cfg, make_mesh(cfg.mesh), abstract=bool(start_step))
   if start_step:

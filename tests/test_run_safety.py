@@ -1,0 +1,140 @@
+"""A run directory nothing silently ruins: resume rules, corrupt checkpoints and metrics, the lock,
+preemption. Each failure is reproduced through sdlm-train as a user would meet it."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from sdlm_jax import workdir as workdir_lib
+from sdlm_jax.defaults import get_base_config
+from sdlm_jax.train import resume_rules
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(workdir, data_dir, variant="ec,smoke", *flags, timeout=600):
+  cmd = [sys.executable, "-m", "sdlm_jax.cli.train", f"--config={REPO}/configs/demo.py:{variant}",
+         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *flags]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _digests(workdir) -> dict:
+  """sha256 of every file of the run directory (what a refused resume must leave untouched)."""
+  out = {}
+  for root, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+# ---------------------------------------------------------------- resume rules (no training)
+
+def _stored():
+  return json.loads(json.dumps(get_base_config().to_dict()))
+
+
+def test_unchanged_config_needs_no_history():
+  assert resume_rules.check(_stored(), get_base_config().to_dict()) is None
+
+
+def test_locked_fields_are_named_with_stored_and_new_values():
+  new = get_base_config()
+  new.model.moe.router = "token_choice"
+  new.data.seq_len = 64
+  new.train.optimizer.lr = 1e-3
+  with pytest.raises(resume_rules.ResumeConfigError) as err:
+    resume_rules.check(_stored(), new.to_dict())
+  message = str(err.value)
+  assert "model.moe.router: stored 'expert_choice', new 'token_choice'" in message
+  assert "data.seq_len: stored 128, new 64" in message
+  assert "--allow_changed=train.optimizer.lr" in message and "stored 0.0002, new 0.001" in message
+
+
+def test_optimizer_changes_need_the_flag_and_safe_ones_do_not():
+  new = get_base_config()
+  new.train.num_steps = 5000
+  new.train.log_every = 1
+  new.train.optimizer.lr = 1e-3
+  with pytest.raises(resume_rules.ResumeConfigError, match="only with --allow_changed=train.optimizer.lr:"):
+    resume_rules.check(_stored(), new.to_dict())
+  entry = resume_rules.check(_stored(), new.to_dict(), ("train.optimizer.lr",), step=300)
+  assert entry["step"] == 300
+  assert entry["changes"] == {"train.log_every": {"old": 10, "new": 1},
+                              "train.num_steps": {"old": 1000, "new": 5000},
+                              "train.optimizer.lr": {"old": 2e-4, "new": 1e-3}}
+
+
+def test_allow_changed_refuses_a_field_that_can_never_change():
+  with pytest.raises(resume_rules.ResumeConfigError, match="--allow_changed=model.d_model: only these"):
+    resume_rules.check(_stored(), get_base_config().to_dict(), ("model.d_model",))
+
+
+def test_history_is_applied_to_the_stored_config_and_the_fields_stay(tmp_path):
+  workdir_lib.write_json(str(tmp_path), workdir_lib.CONFIG_FILE, _stored())
+  workdir_lib.append_history(str(tmp_path), {"step": 3, "changes": {"train.optimizer.lr": {"old": 2e-4, "new": 1e-3}}})
+  saved = workdir_lib.read_config_file(str(tmp_path))
+  assert saved["train"]["optimizer"]["lr"] == 2e-4 and len(saved["history"]) == 1
+  assert workdir_lib.load_config(str(tmp_path)).train.optimizer.lr == 1e-3
+  new = get_base_config()
+  new.train.optimizer.lr = 1e-3  # already recorded: no flag needed again
+  assert resume_rules.check_workdir(str(tmp_path), new) is None
+
+
+# ---------------------------------------------------------------- through sdlm-train
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("data_cache"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+  """A finished 6-step demo ec,smoke run (copy it before changing it)."""
+  workdir = str(tmp_path_factory.mktemp("trained") / "run")
+  proc = _train(workdir, data_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained, workdir)
+  return workdir
+
+
+@pytest.mark.slow
+def test_token_choice_on_an_expert_choice_run_stops_before_writing(run_copy, data_dir):
+  before = _digests(run_copy)
+  proc = _train(run_copy, data_dir, "tc,smoke")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "model.moe.router: stored 'expert_choice', new 'token_choice'" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert _digests(run_copy) == before
+
+
+@pytest.mark.slow
+def test_lr_change_needs_allow_changed_and_is_recorded(run_copy, data_dir):
+  before = _digests(run_copy)
+  flags = ("--config.train.optimizer.lr=1e-3", "--config.train.num_steps=8")
+  proc = _train(run_copy, data_dir, "ec,smoke", *flags)
+  assert proc.returncode == 2 and "--allow_changed=train.optimizer.lr" in proc.stderr, proc.stderr[-3000:]
+  assert _digests(run_copy) == before
+  proc = _train(run_copy, data_dir, "ec,smoke", *flags, "--allow_changed=train.optimizer.lr")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Resumed from step 6" in proc.stdout
+  saved = workdir_lib.read_config_file(run_copy)
+  assert saved["train"]["optimizer"]["lr"] == 3e-3 and saved["train"]["num_steps"] == 6
+  assert saved["history"][0]["step"] == 6
+  assert saved["history"][0]["changes"] == {"train.num_steps": {"old": 6, "new": 8},
+                                            "train.optimizer.lr": {"old": 3e-3, "new": 1e-3}}
+  after = _digests(run_copy)
+  assert after["tokenizer.model"] == before["tokenizer.model"]

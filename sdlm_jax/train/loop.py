@@ -4,7 +4,8 @@ checkpoints and a final evaluation.
 Resuming is automatic: if WORKDIR/checkpoints holds a checkpoint, params, optimizer state,
 step and data-iterator position are restored and training continues as if never stopped
 (the step RNG is a function of (seed, step), so a resumed run replays the same losses).
-A NaN/Inf loss stops the run before any checkpoint of the bad state is written.
+A NaN/Inf loss, gradient norm or updated-param norm stops the run before any checkpoint of the
+bad state is written.
 """
 
 import time
@@ -30,7 +31,8 @@ from sdlm_jax.train.metrics import MetricsWriter, first_nonfinite, peak_flops_pe
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss became NaN/Inf; the run stops without checkpointing the bad state."""
+  """The loss, gradient norm or updated params became NaN/Inf; the run stops without checkpointing
+  the bad state."""
 
 
 class _Pending:
@@ -51,7 +53,8 @@ class _Pending:
     bad = first_nonfinite(host)
     if bad is not None:
       raise NonFiniteLossError(
-          f"loss {host[bad]['total_loss']} / grad norm {host[bad]['grad_norm']} at step "
+          f"loss {host[bad]['total_loss']} / grad norm {host[bad]['grad_norm']} / updated param norm "
+          f"{host[bad].get('param_norm')} at step "
           f"{self.items[bad][0] + 1}; stopping without saving. Lower train.optimizer.lr, raise "
           "warmup, or check the data; the run resumes from the last good checkpoint.")
     return host

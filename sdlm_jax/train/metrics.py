@@ -58,7 +58,7 @@ def peak_flops_per_device() -> float | None:
   return None
 
 
-def first_nonfinite(step_metrics: list[dict], keys=("total_loss", "grad_norm")) -> int | None:
+def first_nonfinite(step_metrics: list[dict], keys=("total_loss", "grad_norm", "param_norm")) -> int | None:
   """Index of the first step where any of `keys` is NaN/Inf, or None."""
   for i, m in enumerate(step_metrics):
     if not all(math.isfinite(float(m[k])) for k in keys if k in m):

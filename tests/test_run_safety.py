@@ -138,3 +138,55 @@ def test_lr_change_needs_allow_changed_and_is_recorded(run_copy, data_dir):
                                             "train.optimizer.lr": {"old": 3e-3, "new": 1e-3}}
   after = _digests(run_copy)
   assert after["tokenizer.model"] == before["tokenizer.model"]
+
+
+# ---------------------------------------------------------------- corrupt checkpoints and metrics
+
+def _largest_array_file(workdir, step) -> str:
+  item = os.path.join(workdir, "checkpoints", str(step), "params")
+  files = [os.path.join(root, n) for root, _, names in os.walk(item) for n in names]
+  return max(files, key=os.path.getsize)
+
+
+def _truncate(path):
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _flip_a_bit(path):
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)[0]
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte ^ 0x10]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [_truncate, _flip_a_bit], ids=["truncated", "bit_flip"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(run_copy, data_dir, damage):
+  checksums = json.load(open(os.path.join(run_copy, "checkpoints", "6", "checksums.json")))
+  damaged = _largest_array_file(run_copy, 6)
+  assert os.path.relpath(damaged, os.path.join(run_copy, "checkpoints", "6")) in checksums
+  damage(damaged)
+  proc = _train(run_copy, data_dir, "ec,smoke", "--config.train.num_steps=8")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "warning: checkpoint 6" in proc.stderr and "could not be restored" in proc.stderr
+  assert "CorruptCheckpointError" in proc.stderr and os.path.basename(damaged) in proc.stderr
+  assert "Resumed from step 3" in proc.stdout
+  assert os.path.isdir(os.path.join(run_copy, "checkpoints_corrupt", "6"))
+  steps = sorted(int(d) for d in os.listdir(os.path.join(run_copy, "checkpoints")) if d.isdigit())
+  assert steps == [3, 6, 8]
+  logged = [json.loads(line)["step"] for line in open(os.path.join(run_copy, "metrics.jsonl"))]
+  assert logged[:8] == list(range(1, 9))  # steps 4-6 are trained again, logged once
+
+
+@pytest.mark.slow
+def test_a_torn_metrics_line_is_dropped_with_a_warning(run_copy, data_dir):
+  whole_lines = len(open(os.path.join(run_copy, "metrics.jsonl")).readlines())
+  with open(os.path.join(run_copy, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 7, "loss": 3.2')
+  proc = _train(run_copy, data_dir, "ec,smoke", "--config.train.num_steps=7")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "is not a whole JSON record" in proc.stderr and f"line {whole_lines + 1} " in proc.stderr
+  records = [json.loads(line) for line in open(os.path.join(run_copy, "metrics.jsonl"))]
+  assert [r["step"] for r in records if "loss" in r] == list(range(1, 8))

@@ -113,14 +113,15 @@ def train(cfg, workdir: str, *, progress: bool = True, allow_changed=()) -> dict
 
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   start_step = agreed_latest_step(ckpt)
-  if history and is_main:
-    workdir_lib.append_history(workdir, {**history, "step": start_step})
   # On resume the state is only described, then restored straight onto its shardings.
   program = program_lib.build(cfg, make_mesh(cfg.mesh), abstract=bool(start_step))
   if start_step:
-    program.params, program.opt_state, data_state, meta = ckpt.restore(start_step, program.params, program.opt_state)
+    start_step, program.params, program.opt_state, data_state, meta = ckpt.restore_latest(
+        program.params, program.opt_state)
     pipeline.restore_iterator(train_iter, own_process_state(data_state))
     print(f"Resumed from step {start_step} (data position restored, seed {meta['seed']}).", flush=True)
+  if history and is_main:
+    workdir_lib.append_history(workdir, {**history, "step": start_step})
   if is_main:
     _write_param_overview(workdir, program.params)
   writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
@@ -142,6 +143,7 @@ def train(cfg, workdir: str, *, progress: bool = True, allow_changed=()) -> dict
         batch = program.global_batch(local_batch)
         program.params, program.opt_state, metrics = program.step(program.params, program.opt_state, batch, step)
         pending.add(step, metrics)
+        ckpt.poll()
         done = step + 1
         is_last = done == cfg.train.num_steps
         if done % cfg.train.log_every == 0 or is_last:

@@ -5,14 +5,17 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from sdlm_jax import workdir as workdir_lib
 from sdlm_jax.defaults import get_base_config
 from sdlm_jax.train import resume_rules
+from sdlm_jax.train import run_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -190,3 +193,64 @@ def test_a_torn_metrics_line_is_dropped_with_a_warning(run_copy, data_dir):
   assert "is not a whole JSON record" in proc.stderr and f"line {whole_lines + 1} " in proc.stderr
   records = [json.loads(line) for line in open(os.path.join(run_copy, "metrics.jsonl"))]
   assert [r["step"] for r in records if "loss" in r] == list(range(1, 8))
+
+
+# ---------------------------------------------------------------- the lock
+
+def _write_lock(workdir, **fields):
+  record = {"host": socket.gethostname(), "pid": os.getpid(), "start_time": "earlier", "heartbeat": "earlier",
+            "heartbeat_unix": time.time(), "token": "other", **fields}
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, run_lock.LOCK_FILE), "w") as f:
+    json.dump(record, f)
+
+
+def _dead_pid() -> int:
+  child = subprocess.Popen([sys.executable, "-c", "pass"])
+  child.wait()
+  return child.pid
+
+
+def test_a_live_lock_is_refused_naming_the_holder(tmp_path):
+  first = run_lock.RunLock(str(tmp_path))
+  first.acquire()
+  try:
+    with pytest.raises(run_lock.RunLockedError) as err:
+      run_lock.RunLock(str(tmp_path)).acquire()
+    record = json.load(open(tmp_path / run_lock.LOCK_FILE))
+    assert f"host {socket.gethostname()}, pid {os.getpid()}, started {record['start_time']}" in str(err.value)
+  finally:
+    first.release()
+  assert not (tmp_path / run_lock.LOCK_FILE).exists()
+
+
+def test_a_lock_on_another_host_with_a_recent_heartbeat_is_refused(tmp_path):
+  _write_lock(str(tmp_path), host="tpu-worker-7", pid=1234)
+  with pytest.raises(run_lock.RunLockedError, match="host tpu-worker-7, pid 1234"):
+    run_lock.RunLock(str(tmp_path)).acquire()
+  run_lock.RunLock(str(tmp_path)).release()  # not its lock: left alone
+  assert json.load(open(tmp_path / run_lock.LOCK_FILE))["pid"] == 1234
+
+
+@pytest.mark.parametrize("fields, reason", [
+    (lambda: {"pid": _dead_pid()}, "on this host is gone"),
+    (lambda: {"host": "tpu-worker-7", "heartbeat_unix": time.time() - 3600}, "last heartbeat was 60 min ago"),
+])
+def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, capsys, fields, reason):
+  _write_lock(str(tmp_path), **fields())
+  lock = run_lock.RunLock(str(tmp_path))
+  lock.acquire()
+  warning = capsys.readouterr().err
+  assert "warning: taking over the stale lock" in warning and reason in warning
+  record = json.load(open(tmp_path / run_lock.LOCK_FILE))
+  assert record["pid"] == os.getpid() and record["token"] != "other"
+  lock.release()
+
+
+def test_the_heartbeat_thread_refreshes_the_lock(tmp_path):
+  lock = run_lock.RunLock(str(tmp_path), heartbeat_s=0.05)
+  lock.acquire()
+  first = json.load(open(tmp_path / run_lock.LOCK_FILE))["heartbeat_unix"]
+  time.sleep(0.5)
+  assert json.load(open(tmp_path / run_lock.LOCK_FILE))["heartbeat_unix"] > first
+  lock.release()

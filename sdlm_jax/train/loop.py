@@ -26,6 +26,7 @@ from sdlm_jax.scaling.flops import flops_per_token
 from sdlm_jax.train import evaluate
 from sdlm_jax.train import program as program_lib
 from sdlm_jax.train import resume_rules
+from sdlm_jax.train import run_lock
 from sdlm_jax.train.checkpoint import Checkpointer, agreed_latest_step, gather_process_states, own_process_state
 from sdlm_jax.train.metrics import MetricsWriter, first_nonfinite, peak_flops_per_device, summarize
 
@@ -86,9 +87,37 @@ def train(cfg, workdir: str, *, progress: bool = True, allow_changed=()) -> dict
 
   A run directory that already holds config.json is resumed under sdlm_jax.train.resume_rules:
   its stored config and tokenizer are authoritative, `allow_changed` names the optimizer-like
-  fields this resume may change.
+  fields this resume may change. Process 0 holds WORKDIR/lock.json while it runs
+  (sdlm_jax.train.run_lock): a second job on the same directory stops at once.
   """
   config_lib.validate(cfg, jax.device_count(), jax.process_count(), num_slices_of(jax.devices()))
+  lock = _acquire_lock(workdir)
+  try:
+    return _train(cfg, workdir, progress=progress, allow_changed=allow_changed)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _acquire_lock(workdir: str):
+  """Process 0's lock of the run directory (None on the other processes); every process raises
+  RunLockedError if process 0 could not take it."""
+  lock, refused = None, None
+  if jax.process_index() == 0:
+    lock = run_lock.RunLock(workdir)
+    try:
+      lock.acquire()
+    except run_lock.RunLockedError as err:
+      refused = err
+  if jax.process_count() > 1:
+    if multihost_utils.broadcast_one_to_all(np.int32(refused is not None)) and refused is None:
+      refused = run_lock.RunLockedError(f"process 0 found {workdir} in use by another sdlm-train")
+  if refused is not None:
+    raise refused
+  return lock
+
+
+def _train(cfg, workdir: str, *, progress: bool, allow_changed) -> dict:
   cfg = cfg.copy_and_resolve_references()
   cfg.data.data_dir = storage.location(cfg.data.data_dir)  # config.json must work from any directory
   cfg.data.paths = pipeline.absolute_paths(cfg.data)

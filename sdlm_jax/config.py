@@ -116,6 +116,9 @@ def _check_diffusion(d, causal):
     raise ConfigError("diffusion.loss='ar' needs model.causal=True (the AR baseline is causal)")
   if d.loss != "ar" and causal:
     raise ConfigError(f"diffusion.loss={d.loss!r} needs model.causal=False (diffusion is bidirectional)")
+  if d.loss == "ar" and d.schedule != "linear":
+    raise ConfigError(f"diffusion.schedule={d.schedule!r} has no meaning for diffusion.loss='ar' (nothing is "
+                      "masked); allowed values: linear (the default, ignored)")
   _number("diffusion.t_min", d.t_min, lo=0, hi=1, lo_open=True, hi_open=True)
   _number("diffusion.random_length_prob", d.random_length_prob, lo=0, hi=1)
   _positive("diffusion.num_t_buckets", d.num_t_buckets)

@@ -51,8 +51,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- diffusion objective
   d = c.diffusion = ml_collections.ConfigDict()
-  d.loss = "megadlm"           # megadlm | mdlm_elbo | ar (ar requires model.causal=True)
-  d.schedule = "linear"        # masking schedule alpha(t)
+  d.loss = "megadlm"           # megadlm | maskgit | mdlm_elbo | ar (ar requires model.causal=True)
+  d.schedule = "linear"        # masking schedule alpha(t): linear | poly2 | cosine (every diffusion loss)
   d.t_min = 1e-3               # smallest t the MDLM ELBO samples
   d.random_length_prob = 0.01  # MegaDLMs: chance a batch is cut to a random length
   d.num_t_buckets = 4          # loss is also reported per t-bucket

@@ -79,6 +79,12 @@ def test_ar_loss_needs_causal_model():
   assert "model.causal=True" in _bad(lambda c: setattr(c.diffusion, "loss", "ar"))
 
 
+def test_ar_loss_rejects_a_masking_schedule():
+  def mutate(c):
+    c.model.causal, c.diffusion.loss, c.diffusion.schedule = True, "ar", "cosine"
+  assert "diffusion.schedule='cosine' has no meaning for diffusion.loss='ar'" in _bad(mutate)
+
+
 def test_gqa_heads_must_divide():
   assert "num_kv_heads" in _bad(lambda c: setattr(c.model, "num_kv_heads", 3))
 

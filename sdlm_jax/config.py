@@ -74,14 +74,17 @@ def _check_model(m, seq_len, platform):
     raise ConfigError(f"model.attention='cudnn' needs model.dtype bfloat16 or float16 (cuDNN's fused attention "
                       f"takes no {m.dtype}); allowed values: auto (picks XLA for {m.dtype}), xla")
   _one_of("model.remat", m.remat, REMAT_POLICIES)
-  _check_moe(m.moe, m.num_layers, seq_len)
+  _check_moe(m.moe, m.num_layers, seq_len, m.causal)
 
 
-def _check_moe(moe, num_layers, seq_len):
+def _check_moe(moe, num_layers, seq_len, causal):
   _number("model.moe.num_experts", moe.num_experts, lo=0, integer=True, note="(0: dense)")
   if moe.num_experts == 0:
     return
   _one_of("model.moe.router", moe.router, ROUTERS)
+  if causal and moe.router == "expert_choice":
+    raise ConfigError("model.moe.router='expert_choice' with model.causal=True leaks future tokens (each expert "
+                      "ranks the tokens of a whole routing group, later ones included); allowed values: token_choice")
   _one_of("model.moe.ec_group", moe.ec_group, EC_GROUPS)
   _one_of("model.moe.router_activation", moe.router_activation, ROUTER_ACTIVATIONS)
   _one_of("model.moe.backend", moe.backend, BACKENDS)

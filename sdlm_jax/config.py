@@ -102,6 +102,10 @@ def _check_moe(moe, num_layers, seq_len, causal):
   _number("model.moe.num_shared_experts", moe.num_shared_experts, lo=0, integer=True)
   _number("model.moe.routed_scaling_factor", moe.routed_scaling_factor, lo=0, lo_open=True)
   _number("model.moe.load_balance_weight", moe.load_balance_weight, lo=0)
+  _number("model.moe.bias_update_rate", moe.bias_update_rate, lo=0, note="(0: off)")
+  if moe.bias_update_rate > 0 and moe.router != "token_choice":
+    raise ConfigError(f"model.moe.bias_update_rate={moe.bias_update_rate} balances token-choice routing (expert "
+                      "choice is balanced by construction); allowed values with expert_choice: 0")
   _number("model.moe.z_loss_weight", moe.z_loss_weight, lo=0)
   if moe.router == "expert_choice" and moe.ec_group == "sequence":
     capacity = seq_len * moe.top_k // moe.num_experts

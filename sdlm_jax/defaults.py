@@ -47,6 +47,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   moe.load_balance_weight = 0.0  # TC: Switch aux loss; EC: token-wise balance loss
   moe.z_loss_weight = 0.0      # router z-loss (both routers)
   moe.routed_scaling_factor = 1.0
+  moe.bias_update_rate = 0.0   # TC aux-loss-free balancing: >0 adds a selection-only expert bias moved this much per step
   moe.backend = "auto"         # grouped-matmul (token-choice) backend: auto | pallas | xla | interpret
 
   # ---------------------------------------------------------------- diffusion objective

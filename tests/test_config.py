@@ -100,6 +100,12 @@ def test_causal_expert_choice_is_an_error_and_causal_token_choice_is_not():
   validate(cfg)
 
 
+def test_bias_update_rate_is_for_token_choice_and_not_negative():
+  msg = _bad(lambda c: setattr(c.model.moe, "bias_update_rate", 1e-3))  # demo ec is expert choice
+  assert "model.moe.bias_update_rate=0.001 balances token-choice routing" in msg
+  assert "model.moe.bias_update_rate=-1" in _bad(lambda c: setattr(c.model.moe, "bias_update_rate", -1.0))
+
+
 def test_gqa_heads_must_divide():
   assert "num_kv_heads" in _bad(lambda c: setattr(c.model, "num_kv_heads", 3))
 

@@ -57,3 +57,31 @@ def _assert_trains(losses, before, after):
 ], ids=["maskgit", "maskgit-cosine", "megadlm-poly2"])
 def test_objective_trains_two_steps(overrides):
   _assert_trains(*two_steps("ec", **overrides))
+
+
+def _leaf(params, name):
+  found = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params) if name in jax.tree_util.keystr(path)]
+  assert len(found) == 1, found
+  return np.asarray(found[0])
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_aux_free_bias_moves_by_the_sign_of_the_load_error_and_lives_in_the_params(scan):
+  rate = 0.01
+  cfg = demo.get_config("tc,smoke")
+  cfg.train.batch_size, cfg.data.seq_len = 4, 32
+  cfg.model.num_layers, cfg.model.moe.first_k_dense, cfg.model.scan_layers = 3, 1, scan
+  cfg.model.moe.bias_update_rate = rate
+  validate(cfg)
+  program = program_lib.build(cfg, make_mesh(cfg.mesh))
+  bias = lambda p: (_leaf(p, "selection_bias") if scan else
+                    np.stack([_leaf(p, f"blocks'][{j}]['ffn']['selection_bias") for j in range(2)]))
+  params, opt_state = program.params, program.opt_state
+  expected = np.zeros((2, 4))
+  with program.context():
+    for step in range(2):
+      params, opt_state, metrics = program.step(params, opt_state, program.synthetic_batch(step), jnp.int32(step))
+      load = np.asarray(metrics["router/expert_load_per_layer"], np.float64)  # [2 MoE layers, 4 experts]
+      expected += rate * np.sign(0.25 - load)
+      np.testing.assert_allclose(bias(jax.device_get(params)), expected, atol=1e-7)
+  assert np.abs(expected).sum() > 0  # the loads were uneven, so the biases moved

@@ -11,6 +11,7 @@ import optax
 from flax import nnx
 
 from sdlm_jax.diffusion import objectives
+from sdlm_jax.model.moe import update_selection_biases
 
 
 def step_rng(seed: int, step):
@@ -76,6 +77,9 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, lr_
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
+    bias_rate = cfg.model.moe.get("bias_update_rate", 0.0)
+    if bias_rate > 0 and "router/expert_load_per_layer" in metrics:
+      new_params = update_selection_biases(new_params, metrics["router/expert_load_per_layer"], bias_rate)
     param_norm = optax.tree.norm(new_params)
     # A non-finite loss, gradient or updated param never reaches the state: the step is dropped
     # (the loop then stops with an error), so whatever is checkpointed is the last good state.

@@ -148,7 +148,7 @@ def test_a_sweep_summary_reads_as_runs(tmp_path):
   """sdlm-sweep's summary.csv feeds the fits: N = active params, D = tokens, L = ln(val ppl bound)."""
   from sdlm_jax.sweep import summary  # pylint: disable=import-outside-toplevel
   rows = [{c: None for c in summary.COLUMNS} | dict(run=f"r{i}", config="c.py", status=status, params_total=2 * n,
-                                                    params_active=n, tokens=d, epochs=0.5, val_ppl_bound=ppl)
+                                                    params_active=n, tokens=d, epochs=0.5, val_ppl=ppl)
           for i, (status, n, d, ppl) in enumerate([("finished", 1e6, 2e7, 150.0), ("step 3/10", 2e6, 6e6, 300.0),
                                                     ("finished", 4e6, 5e6, 120.0)])]
   summary.write(rows, tmp_path)

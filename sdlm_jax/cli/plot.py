@@ -3,7 +3,7 @@
   sdlm-plot --workdir runs/demo                 # PNGs into runs/demo/plots/
   sdlm-plot --workdir gs://bucket/run --out plots/run
 
-Writes loss_vs_tokens.png, val_ppl.png (validation ELBO perplexity bound against tokens and
+Writes loss_vs_tokens.png, val_ppl.png (validation perplexity, a bound for diffusion, against tokens and
 epochs) and, for an MoE model, router_load_NAME.png (each expert's share of routed slots per
 layer), and prints the run's row of the table sdlm-sweep writes.
 """

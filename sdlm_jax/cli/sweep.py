@@ -9,7 +9,7 @@ made from the file's name and argument (`demo-tc-smoke`); `--set key=value` (rep
 given to every run as --config.key=value. Runs go one at a time. Run it again after a crash
 or a Ctrl-C: finished runs are skipped, an interrupted one resumes from its last checkpoint.
 After each run DIR/summary.csv and DIR/summary.md (one row per run: config, parameters total
-and active, tokens, epochs, final training loss, validation ELBO perplexity bound, tokens/s,
+and active, tokens, epochs, final training loss, validation perplexity (bound), tokens/s,
 wall time) and the plots in DIR/plots/ are rewritten. Exit status 1 if a run failed.
 """
 

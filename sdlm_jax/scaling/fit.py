@@ -52,10 +52,10 @@ class Runs:
 
 def _from_sweep_summary(rows: list[dict]) -> list[dict]:
   """An sdlm-sweep summary.csv as runs: N = active parameters, D = training tokens, L = the
-  validation loss bound ln(val ppl bound); unfinished runs and runs without a bound are left out."""
-  return [{"params": r["params_active"], "tokens": r["tokens"], "loss": str(np.log(float(r["val_ppl_bound"]))),
+  validation loss ln(val ppl) (a diffusion model's ELBO bound); unfinished runs and runs without one are left out."""
+  return [{"params": r["params_active"], "tokens": r["tokens"], "loss": str(np.log(float(r["val_ppl"]))),
            "epochs": r.get("epochs", "")}
-          for r in rows if r.get("status") == "finished" and r.get("val_ppl_bound")]
+          for r in rows if r.get("status") == "finished" and r.get("val_ppl")]
 
 
 def read_runs(path: str) -> Runs:

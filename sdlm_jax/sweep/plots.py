@@ -4,7 +4,7 @@ against tokens and epochs, and each MoE run's router load per expert per layer."
 import numpy as np
 
 from sdlm_jax.plotting import pyplot, save
-from sdlm_jax.sweep.run_dir import RunRecords
+from sdlm_jax.sweep.run_dir import RunRecords, val_ppl
 
 
 def loss_vs_tokens(runs: dict[str, RunRecords], path: str) -> str:
@@ -20,28 +20,27 @@ def loss_vs_tokens(runs: dict[str, RunRecords], path: str) -> str:
   return save(fig, path)
 
 
-def val_ppl(runs: dict[str, RunRecords], path: str) -> str:
-  """The validation ELBO perplexity bound at every evaluation, against tokens and epochs."""
+def val_ppl_curves(runs: dict[str, RunRecords], path: str) -> str:
+  """The validation perplexity (bound) at every evaluation, against tokens and epochs."""
   plt = pyplot()
   fig, (by_tokens, by_epochs) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
   for name, run in runs.items():
-    points = [m for m in run.val if "val/ppl_bound" in m]
+    points = [m for m in run.val if val_ppl(m) is not None]
     if not points:
       continue
-    epoch_at = {m["step"]: m.get("epoch") for m in run.train}
     tokens = [m["step"] * run.tokens_per_step for m in points]
-    ppl = [m["val/ppl_bound"] for m in points]
+    ppl = [val_ppl(m) for m in points]
     by_tokens.plot(tokens, ppl, "o-", label=name, ms=3)
-    epochs = [epoch_at.get(m["step"]) for m in points]
+    epochs = [run.epoch_at(m["step"]) for m in points]
     if all(e is not None for e in epochs):
       by_epochs.plot(epochs, ppl, "o-", label=name, ms=3)
   by_tokens.set_xlabel("training tokens")
   by_epochs.set_xlabel("epochs of the training data")
-  by_tokens.set_ylabel("validation ELBO perplexity bound")
+  by_tokens.set_ylabel("validation perplexity (diffusion: ELBO bound)")
   for ax in (by_tokens, by_epochs):
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-  fig.suptitle("validation perplexity bound")
+  fig.suptitle("validation perplexity")
   return save(fig, path)
 
 
@@ -67,7 +66,7 @@ def router_load(name: str, run: RunRecords, path: str, last: int = 10) -> str | 
 def plot_runs(runs: dict[str, RunRecords], out_dir: str) -> list[str]:
   """Every figure for `runs` into out_dir; returns the files written."""
   files = [loss_vs_tokens(runs, f"{out_dir}/loss_vs_tokens.png"),
-           val_ppl(runs, f"{out_dir}/val_ppl.png")]
+           val_ppl_curves(runs, f"{out_dir}/val_ppl.png")]
   for name, run in runs.items():
     if run.is_moe:
       heatmap = router_load(name, run, f"{out_dir}/router_load_{name}.png")

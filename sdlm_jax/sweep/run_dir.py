@@ -46,6 +46,10 @@ class RunRecords:
     return (self.final_eval is not None and self.last_step >= self.num_steps
             and int(self.final_eval.get("step", -1)) >= self.num_steps)
 
+  def epoch_at(self, step: int) -> float | None:
+    """Epochs of training data seen by `step` (from the training line logged there), or None."""
+    return next((m.get("epoch") for m in self.train if m["step"] == step), None)
+
   @property
   def is_moe(self) -> bool:
     return int(self.config.model.moe.num_experts) > 0
@@ -85,6 +89,12 @@ def read(workdir) -> RunRecords | None:
                     final_eval=_read_json(root / "eval.json"), sweep=_read_json(root / RUN_RECORD))
 
 
+def val_ppl(record: dict) -> float | None:
+  """A validation line's perplexity: the ELBO bound of a diffusion model, the exact one of an AR model."""
+  value = record.get("val/ppl_bound", record.get("val/ppl"))
+  return _finite(value)
+
+
 def _finite(value) -> float | None:
   return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
@@ -104,7 +114,7 @@ def summary_row(name: str, spec: str, run: RunRecords) -> dict:
       "tokens": run.last_step * run.tokens_per_step,
       "epochs": _finite(last.get("epoch")),
       "train_loss": _finite(last.get("loss")),
-      "val_ppl_bound": _finite(final.get("val/ppl_bound")),
+      "val_ppl": val_ppl(final),
       "tokens_per_sec": statistics.median(speeds) if speeds else None,
       "wall_s": _finite((run.sweep or {}).get("wall_s")),
   }

@@ -6,9 +6,9 @@ import io
 from sdlm_jax import storage
 
 COLUMNS = ("run", "config", "status", "params_total", "params_active", "tokens", "epochs", "train_loss",
-           "val_ppl_bound", "tokens_per_sec", "wall_s")
+           "val_ppl", "tokens_per_sec", "wall_s")
 HEADERS = ("run", "config", "status", "params (total)", "params (active)", "tokens", "epochs", "train loss",
-           "val ppl bound", "tokens/s", "wall time")
+           "val ppl", "tokens/s", "wall time")
 
 
 def _human(value) -> str:
@@ -28,7 +28,7 @@ def _cell(column: str, value) -> str:
     return f"{minutes}m{seconds:02d}s"
   if column in ("train_loss", "epochs"):
     return f"{value:.3f}"
-  if column in ("val_ppl_bound", "tokens_per_sec"):
+  if column in ("val_ppl", "tokens_per_sec"):
     return f"{value:,.1f}"
   return str(value)
 

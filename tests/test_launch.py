@@ -155,3 +155,44 @@ def test_the_python_check_names_the_fix(tmp_path):
                         env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}, check=False)
   assert proc.returncode == 1
   assert "needs Python >= 3.11 but python3 is Python 3.10.12" in proc.stderr and "python3.11 -m venv" in proc.stderr
+
+
+def test_supervise_recreates_a_preempted_slice_and_reruns_a_preempted_job(tmp_path):
+  """A fake gcloud plays a spot slice: SUSPENDED (preempted), then ACTIVE on a bare VM, a job that
+  is preempted (exit 75), then one that finishes."""
+  (tmp_path / "states").write_text("SUSPENDED\nWAITING_FOR_RESOURCES\nACTIVE\n")
+  (tmp_path / "jobs").write_text("bare\nrunning\n75\n0\n")
+  fake = tmp_path / "bin" / "gcloud"
+  fake.parent.mkdir()
+  fake.write_text(f"""#!/usr/bin/env bash
+pop() {{ head -n 1 "$1"; [ "$(wc -l < "$1")" -gt 1 ] && sed -i 1d "$1"; true; }}
+case "$*" in
+  *"queued-resources describe"*) pop {tmp_path}/states ;;
+  *"echo running"*) echo "job-state" >> {tmp_path}/calls; pop {tmp_path}/jobs ;;
+  *) echo "$*" >> {tmp_path}/calls ;;
+esac
+""")
+  fake.chmod(0o755)
+  proc = _run("supervise", tmp_path, PATH=f"{fake.parent}:{os.environ['PATH']}", SUPERVISE_INTERVAL="0")
+  assert proc.returncode == 0, proc.stderr
+  assert "the job finished" in proc.stdout
+  kinds = []
+  for line in (tmp_path / "calls").read_text().splitlines():
+    kind = next((k for k in ("delete", "create", "scp", "sdlm-train", "job-state") if k in line), "other")
+    kinds.append(kind)
+  assert kinds == ["delete", "create", "job-state", "scp", "other", "sdlm-train", "job-state", "job-state",
+                   "sdlm-train", "job-state"], kinds
+
+
+def test_supervise_stops_on_a_failed_job(tmp_path):
+  fake = tmp_path / "bin" / "gcloud"
+  fake.parent.mkdir()
+  fake.write_text("""#!/usr/bin/env bash
+case "$*" in
+  *"queued-resources describe"*) echo ACTIVE ;;
+  *"echo running"*) echo 1 ;;
+esac
+""")
+  fake.chmod(0o755)
+  proc = _run("supervise", tmp_path, PATH=f"{fake.parent}:{os.environ['PATH']}", SUPERVISE_INTERVAL="0")
+  assert proc.returncode == 2 and "the job exited with status 1" in proc.stderr

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -254,3 +255,47 @@ def test_the_heartbeat_thread_refreshes_the_lock(tmp_path):
   time.sleep(0.5)
   assert json.load(open(tmp_path / run_lock.LOCK_FILE))["heartbeat_unix"] > first
   lock.release()
+
+
+# ---------------------------------------------------------------- preemption (and the lock, live)
+
+def _logged_steps(workdir) -> list[int]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_step_reached_exits_75_and_the_run_resumes(tmp_path, data_dir):
+  workdir = str(tmp_path / "run")
+  flags = ("--config.train.num_steps=100000", "--config.train.checkpoint_every=100000")
+  cmd = [sys.executable, "-m", "sdlm_jax.cli.train", f"--config={REPO}/configs/demo.py:ec,smoke",
+         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *flags]
+  child = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 300
+    while len(_logged_steps(workdir)) < 3:
+      assert child.poll() is None and time.time() < deadline, "training ended before it could be stopped"
+      time.sleep(0.05)
+    second = _train(workdir, data_dir, "ec,smoke", *flags)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert f"pid {child.pid}" in second.stderr and "in use by another sdlm-train" in second.stderr
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=300)
+  finally:
+    if child.poll() is None:
+      child.kill()
+  assert child.returncode == 75, stderr[-3000:]
+  reached = _logged_steps(workdir)[-1]
+  assert f"preempted (SIGTERM): checkpoint {reached} saved" in stderr
+  assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == [reached]
+  assert not os.path.exists(os.path.join(workdir, run_lock.LOCK_FILE))
+
+  proc = _train(workdir, data_dir, "ec,smoke", f"--config.train.num_steps={reached + 2}",
+                "--config.train.checkpoint_every=100000")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"Resumed from step {reached}" in proc.stdout
+  assert [s for s in _logged_steps(workdir)][:reached + 2] == list(range(1, reached + 3))

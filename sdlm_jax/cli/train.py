@@ -7,10 +7,13 @@ An existing workdir is resumed from its latest checkpoint. Its stored config.jso
 a changed model, tokenizer, data or routing field stops the command before anything is written;
 num_steps and the log/eval/checkpoint cadence may change; optimizer fields only when listed:
   sdlm-train --workdir runs/demo --config.train.optimizer.lr=1e-3 --allow_changed=train.optimizer.lr
- On a multi-host TPU slice every
-worker runs the same command with --distributed (launch/tpu/tpu.sh does this); for local
-multi-process runs pass the coordinator explicitly:
+
+On a multi-host TPU slice every worker runs the same command with --distributed
+(launch/tpu/tpu.sh does this); for local multi-process runs pass the coordinator explicitly:
   sdlm-train --distributed --coordinator_address=127.0.0.1:1234 --num_processes=2 --process_id=0 ...
+
+SIGTERM (a preemption) saves a checkpoint at the next step and exits with status 75; the same
+command resumes. A second sdlm-train on a run directory in use stops at once (WORKDIR/lock.json).
 """
 
 import os
@@ -78,8 +81,13 @@ def main(argv):
   common.quiet_logs()
   if _DISTRIBUTED.value:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED_TIMEOUT.value)
-  from sdlm_jax.train import loop  # pylint: disable=import-outside-toplevel
-  result = loop.train(_CONFIG.value, _WORKDIR.value, allow_changed=tuple(_ALLOW_CHANGED.value))
+  from sdlm_jax.train import loop, preemption  # pylint: disable=import-outside-toplevel
+  try:
+    result = loop.train(_CONFIG.value, _WORKDIR.value, allow_changed=tuple(_ALLOW_CHANGED.value))
+  except preemption.Preempted as stop:
+    sys.stderr.write(f"{PROG}: {stop}\n")
+    sys.stderr.flush()
+    sys.exit(preemption.PREEMPTED_EXIT_STATUS)
   print(" ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)))
 
 

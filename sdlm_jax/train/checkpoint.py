@@ -13,6 +13,7 @@ WORKDIR/checkpoints_corrupt/<step> with a warning, and the previous one is tried
 
 import json
 import sys
+import time
 
 import jax
 import numpy as np
@@ -159,6 +160,8 @@ class Checkpointer:
         return (step, *out)
       failures.append(f"step {step}: {_first_line(error) if error else 'failed on another process'}")
       aside = self.directory.parent / CORRUPT_DIR / str(step)
+      if aside.exists():  # the same step failed before: keep both
+        aside = aside.parent / f"{step}.{time.strftime('%Y%m%dT%H%M%S')}"
       sys.stderr.write(f"warning: checkpoint {step} in {self.directory} could not be restored "
                        f"({failures[-1]}); moved to {aside}, trying the previous one\n")
       sys.stderr.flush()

@@ -4,6 +4,8 @@ checkpoints and a final evaluation.
 Resuming is automatic: if WORKDIR/checkpoints holds a checkpoint, params, optimizer state,
 step and data-iterator position are restored and training continues as if never stopped
 (the step RNG is a function of (seed, step), so a resumed run replays the same losses).
+On SIGTERM (preemption) a checkpoint is saved at the next step boundary and the run stops with
+preemption.Preempted (sdlm-train exits with status 75).
 A NaN/Inf loss, gradient norm or updated-param norm stops the run before any checkpoint of the
 bad state is written.
 """
@@ -24,6 +26,7 @@ from sdlm_jax.data import pipeline
 from sdlm_jax.parallel.mesh import make_mesh, num_slices_of
 from sdlm_jax.scaling.flops import flops_per_token
 from sdlm_jax.train import evaluate
+from sdlm_jax.train import preemption
 from sdlm_jax.train import program as program_lib
 from sdlm_jax.train import resume_rules
 from sdlm_jax.train import run_lock
@@ -163,6 +166,13 @@ def _train(cfg, workdir: str, *, progress: bool, allow_changed) -> dict:
   epochs = _Epochs(tokens_per_step, epoch_tokens, cfg.eval.every_epochs)
   agree_on_end = cfg.data.num_epochs != -1 and jax.process_count() > 1
   done = saved = start_step
+
+  def save(step):
+    writer.sync()  # a gs:// work dir has every metric up to `step` before checkpoint `step` exists
+    data_states = gather_process_states(pipeline.iterator_state(train_iter))
+    ckpt.save(step, program.params, program.opt_state, {"per_process": data_states}, {"step": step, "seed": cfg.seed})
+
+  watch = preemption.PreemptionWatch()
   try:
     with program.context():
       for step in range(start_step, cfg.train.num_steps):
@@ -181,11 +191,15 @@ def _train(cfg, workdir: str, *, progress: bool, allow_changed) -> dict:
           bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_sec']:.0f}")
         if done % cfg.train.checkpoint_every == 0 or is_last:
           pending.check()  # never checkpoint a state whose losses were not checked
-          writer.sync()  # a gs:// work dir has every metric up to `done` before checkpoint `done` exists
-          data_states = gather_process_states(pipeline.iterator_state(train_iter))
-          ckpt.save(done, program.params, program.opt_state, {"per_process": data_states},
-                    {"step": done, "seed": cfg.seed})
+          save(done)
           saved = done
+        if watch.reached(step):
+          if pending.items:
+            last = pending.flush()
+            writer.write(done, {**last, "epoch": epochs.at(done)})
+          if saved != done:
+            save(done)
+          raise preemption.Preempted(done, workdir)
         periodic = cfg.train.eval_every and done % cfg.train.eval_every == 0
         if (periodic or epochs.boundary(done)) and not is_last:
           writer.write(done, {**evaluate.evaluate(cfg, program.model(), tokenizer), "epoch": epochs.at(done)})
@@ -195,9 +209,7 @@ def _train(cfg, workdir: str, *, progress: bool, allow_changed) -> dict:
           last = pending.flush()
           writer.write(done, {**last, "epoch": epochs.at(done)})
         if saved != done:
-          data_states = gather_process_states(pipeline.iterator_state(train_iter))
-          ckpt.save(done, program.params, program.opt_state, {"per_process": data_states},
-                    {"step": done, "seed": cfg.seed})
+          save(done)
         print(f"The training data ended after step {done} of train.num_steps={cfg.train.num_steps} "
               f"(data.num_epochs={cfg.data.num_epochs}, epoch {epochs.at(done):.3f}); the final checkpoint is "
               f"step {done}.", flush=True)
@@ -207,6 +219,7 @@ def _train(cfg, workdir: str, *, progress: bool, allow_changed) -> dict:
       if is_main:
         workdir_lib.write_json(workdir, "eval.json", {"step": done, **result})
   finally:
+    watch.close()
     bar.close()
     ckpt.wait()
     ckpt.close()

@@ -116,11 +116,12 @@ def append_bytes(target, data: bytes) -> None:
     with open(os.fspath(target), "ab") as f:
       f.write(data)
     return
-  if not target.exists():
-    target.write_bytes(data)
-    return
   import fsspec  # pylint: disable=import-outside-toplevel
   fs, key = fsspec.core.url_to_fs(os.fspath(target))
+  fs.invalidate_cache(key)  # ask the bucket, not a listing cached before the object was written
+  if not fs.exists(key):
+    fs.pipe_file(key, data)
+    return
   tail = f"{key}.append"  # overwritten by the next append if a killed one left it behind
   fs.pipe_file(tail, data)
   try:

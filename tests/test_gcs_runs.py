@@ -103,10 +103,20 @@ def _env():
   return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
 
 
-def _run(cmd):
-  proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, (cmd, proc.stderr[-3000:])
-  return proc
+def _start(cmd, **kw):
+  return subprocess.Popen(cmd, cwd=REPO, env=_env(), text=True, **kw)
+
+
+def _run(*cmds):
+  """Runs the commands side by side (a 2-core machine halves the wall time); the finished processes,
+  each with .stdout, in order, or an error naming the command that failed."""
+  procs = [_start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for cmd in cmds]
+  done = []
+  for cmd, proc in zip(cmds, procs):
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, (cmd, stderr[-3000:])
+    done.append(subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr))
+  return done[0] if len(done) == 1 else done
 
 
 def _records(text: str) -> list[dict]:
@@ -133,28 +143,30 @@ def test_prepare_train_kill_resume_generate_eval_export_on_gcs(tmp_path, gcs_emu
             "--val_fraction=0.2", "--num_shards=2", "--workers=1", "--sample_chars=100000"))
   assert json.loads(_read(f"{bucket}/prep/manifest.json"))["splits"]
 
-  steps, every = 24, 2
+  steps, every, kill_after = 16, 2, 6
   def train(workdir):
     return _cli("train", f"--config={REPO}/configs/demo.py:smoke", f"--workdir={workdir}",
                 "--config.data.source=prepared", f"--config.data.paths={bucket}/prep",
                 f"--config.data.data_dir={tmp_path}/cache", f"--config.train.num_steps={steps}",
                 f"--config.train.checkpoint_every={every}")
 
-  reference = tmp_path / "reference"  # uninterrupted, on local disk
-  _run(train(reference))
+  reference = tmp_path / "reference"  # uninterrupted, on local disk, trained while the gs:// run is killed
+  reference_proc = _start(train(reference), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
   run = f"{bucket}/run"
   log = tmp_path / "killed.log"
   with open(log, "w") as err:
-    child = subprocess.Popen(train(run), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+    child = _start(train(run), stdout=subprocess.DEVNULL, stderr=err)
   try:
-    deadline = time.time() + 300
-    while not any(s >= 8 for s in _committed_steps(f"{run}/checkpoints")):
+    deadline = time.time() + 400
+    while not any(s >= kill_after for s in _committed_steps(f"{run}/checkpoints")):
       assert time.time() < deadline and child.poll() is None, log.read_text()[-3000:]
       time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
   finally:
     child.wait(timeout=60)
+  _, reference_err = reference_proc.communicate(timeout=600)
+  assert reference_proc.returncode == 0, reference_err[-3000:]
   assert child.returncode == -signal.SIGKILL
   assert _committed_steps(f"{run}/checkpoints")[-1] < steps
 
@@ -171,11 +183,10 @@ def test_prepare_train_kill_resume_generate_eval_export_on_gcs(tmp_path, gcs_emu
   local = tmp_path / "copy"  # the same run directory, downloaded
   _fs().get(f"{run}/", str(local), recursive=True)
   prompts = ["--prompt=KING.", "--prompt=To be, or not", "--seed=3"]
-  from_gcs = _run(_cli("generate", f"--workdir={run}", *prompts))
-  from_copy = _run(_cli("generate", f"--workdir={local}", *prompts))
+  from_gcs, from_copy = _run(_cli("generate", f"--workdir={run}", *prompts),
+                             _cli("generate", f"--workdir={local}", *prompts))
   assert from_gcs.stdout == from_copy.stdout and from_gcs.stdout.startswith(f"# checkpoint step {steps}\n")
-  _run(_cli("evaluate", f"--workdir={run}"))
-  _run(_cli("evaluate", f"--workdir={local}"))
+  _run(_cli("evaluate", f"--workdir={run}"), _cli("evaluate", f"--workdir={local}"))
   gcs_eval = json.loads(_read(f"{run}/eval.json"))
   assert gcs_eval == json.loads((local / "eval.json").read_text()) and gcs_eval["step"] == steps
 

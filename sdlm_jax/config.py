@@ -74,14 +74,17 @@ def _check_model(m, seq_len, platform):
     raise ConfigError(f"model.attention='cudnn' needs model.dtype bfloat16 or float16 (cuDNN's fused attention "
                       f"takes no {m.dtype}); allowed values: auto (picks XLA for {m.dtype}), xla")
   _one_of("model.remat", m.remat, REMAT_POLICIES)
-  _check_moe(m.moe, m.num_layers, seq_len)
+  _check_moe(m.moe, m.num_layers, seq_len, m.causal)
 
 
-def _check_moe(moe, num_layers, seq_len):
+def _check_moe(moe, num_layers, seq_len, causal):
   _number("model.moe.num_experts", moe.num_experts, lo=0, integer=True, note="(0: dense)")
   if moe.num_experts == 0:
     return
   _one_of("model.moe.router", moe.router, ROUTERS)
+  if causal and moe.router == "expert_choice":
+    raise ConfigError("model.moe.router='expert_choice' with model.causal=True leaks future tokens (each expert "
+                      "ranks the tokens of a whole routing group, later ones included); allowed values: token_choice")
   _one_of("model.moe.ec_group", moe.ec_group, EC_GROUPS)
   _one_of("model.moe.router_activation", moe.router_activation, ROUTER_ACTIVATIONS)
   _one_of("model.moe.backend", moe.backend, BACKENDS)
@@ -99,6 +102,10 @@ def _check_moe(moe, num_layers, seq_len):
   _number("model.moe.num_shared_experts", moe.num_shared_experts, lo=0, integer=True)
   _number("model.moe.routed_scaling_factor", moe.routed_scaling_factor, lo=0, lo_open=True)
   _number("model.moe.load_balance_weight", moe.load_balance_weight, lo=0)
+  _number("model.moe.bias_update_rate", moe.bias_update_rate, lo=0, note="(0: off)")
+  if moe.bias_update_rate > 0 and moe.router != "token_choice":
+    raise ConfigError(f"model.moe.bias_update_rate={moe.bias_update_rate} balances token-choice routing (expert "
+                      "choice is balanced by construction); allowed values with expert_choice: 0")
   _number("model.moe.z_loss_weight", moe.z_loss_weight, lo=0)
   if moe.router == "expert_choice" and moe.ec_group == "sequence":
     capacity = seq_len * moe.top_k // moe.num_experts
@@ -116,6 +123,9 @@ def _check_diffusion(d, causal):
     raise ConfigError("diffusion.loss='ar' needs model.causal=True (the AR baseline is causal)")
   if d.loss != "ar" and causal:
     raise ConfigError(f"diffusion.loss={d.loss!r} needs model.causal=False (diffusion is bidirectional)")
+  if d.loss == "ar" and d.schedule != "linear":
+    raise ConfigError(f"diffusion.schedule={d.schedule!r} has no meaning for diffusion.loss='ar' (nothing is "
+                      "masked); allowed values: linear (the default, ignored)")
   _number("diffusion.t_min", d.t_min, lo=0, hi=1, lo_open=True, hi_open=True)
   _number("diffusion.random_length_prob", d.random_length_prob, lo=0, hi=1)
   _positive("diffusion.num_t_buckets", d.num_t_buckets)

@@ -47,12 +47,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   moe.load_balance_weight = 0.0  # TC: Switch aux loss; EC: token-wise balance loss
   moe.z_loss_weight = 0.0      # router z-loss (both routers)
   moe.routed_scaling_factor = 1.0
+  moe.bias_update_rate = 0.0   # TC aux-loss-free balancing: >0 adds a selection-only expert bias moved this much per step
   moe.backend = "auto"         # grouped-matmul (token-choice) backend: auto | pallas | xla | interpret
 
   # ---------------------------------------------------------------- diffusion objective
   d = c.diffusion = ml_collections.ConfigDict()
-  d.loss = "megadlm"           # megadlm | mdlm_elbo | ar (ar requires model.causal=True)
-  d.schedule = "linear"        # masking schedule alpha(t)
+  d.loss = "megadlm"           # megadlm | maskgit | mdlm_elbo | ar (ar requires model.causal=True)
+  d.schedule = "linear"        # masking schedule alpha(t): linear | poly2 | cosine (every diffusion loss)
   d.t_min = 1e-3               # smallest t the MDLM ELBO samples
   d.random_length_prob = 0.01  # MegaDLMs: chance a batch is cut to a random length
   d.num_t_buckets = 4          # loss is also reported per t-bucket

@@ -22,6 +22,7 @@ changed: gs:// goes to Cloud Storage with the machine's default credentials.
 """
 
 import contextlib
+import hashlib
 import os
 import pathlib
 import shutil
@@ -191,3 +192,40 @@ def glob(pattern: str) -> list[str]:
   # epath's glob refuses '**' everywhere; pathlib's matches it at any depth for local files.
   matches = base.glob(rest) if is_remote(text) else pathlib.Path(base).glob(rest)
   return sorted(os.fspath(m) for m in matches if m.is_file())
+
+
+def files_under(directory) -> list[epath.Path]:
+  """Every file below `directory` (local or gs://), at any depth, sorted."""
+  out = []
+  for child in path(directory).iterdir():
+    out.extend(files_under(child) if child.is_dir() else [child])
+  return sorted(out)
+
+
+def digest(p) -> str:
+  """A fingerprint of the file's bytes: sha256 locally; on gs:// the object's stored crc32c (or md5),
+  read from the bucket without downloading, and sha256 of its bytes where neither is given."""
+  if is_remote(p):
+    import fsspec  # pylint: disable=import-outside-toplevel
+    fs, key = fsspec.core.url_to_fs(os.fspath(p))
+    info = fs.info(key)
+    for field in ("crc32c", "md5Hash"):
+      if info.get(field):
+        return f"{field}:{info[field]}"
+  h = hashlib.sha256()
+  with path(p).open("rb") as f:
+    for block in iter(lambda: f.read(8 << 20), b""):
+      h.update(block)
+  return f"sha256:{h.hexdigest()}"
+
+
+def move_tree(source, target) -> None:
+  """Moves a file or directory (local: a rename; gs://: copy then delete of every object)."""
+  source, target = path(source), path(target)
+  if not is_remote(source):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(os.fspath(source), os.fspath(target))
+    return
+  import fsspec  # pylint: disable=import-outside-toplevel
+  fs, key = fsspec.core.url_to_fs(os.fspath(source))
+  fs.mv(key, fsspec.core.url_to_fs(os.fspath(target))[1], recursive=True)

@@ -4,6 +4,11 @@ WORKDIR/config.json   the full resolved config (generation and evaluation rebuil
 WORKDIR/tokenizer.model  the sentencepiece model the run was trained with
 WORKDIR/checkpoints/  orbax checkpoints (see sdlm_jax.train.checkpoint)
 WORKDIR/metrics.jsonl, WORKDIR/tensorboard/, WORKDIR/eval.json
+WORKDIR/lock.json     who is training in it now (sdlm_jax.train.run_lock)
+
+config.json is written once, by the run's first start; a resume only appends to its `history`
+list the fields it was allowed to change (sdlm_jax.train.resume_rules), and the config a run
+trains with now is the stored one with that history applied (`stored_config`).
 
 WORKDIR is a local directory or a gs:// URL (sdlm_jax.storage); every file here goes through it.
 """
@@ -52,13 +57,49 @@ def _fill_missing(saved: dict, defaults: dict, path=()) -> dict:
   return out
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's resolved config; fields added since it was written get their old meaning."""
+HISTORY = "history"
+
+
+def has_config(workdir: str) -> bool:
+  return (storage.path(workdir) / CONFIG_FILE).exists()
+
+
+def read_config_file(workdir: str) -> dict:
+  """config.json as stored: the first start's config plus its `history` list of resume changes."""
   path = storage.path(workdir) / CONFIG_FILE
   if not path.exists():
     raise InputNotFoundError(f"{path} not found: is {workdir!r} a directory written by sdlm-train?")
-  saved = json.loads(path.read_text())
-  return ml_collections.ConfigDict(_fill_missing(saved, get_base_config().to_dict()))
+  return json.loads(path.read_text())
+
+
+def _set_field(tree: dict, field: str, value):
+  *sections, key = field.split(".")
+  for name in sections:
+    tree = tree.setdefault(name, {})
+  tree[key] = value
+
+
+def stored_config(saved: dict) -> dict:
+  """The config a run trains with now: the stored fields (completed for older runs) with every
+  change of its history applied in order."""
+  fields = {k: v for k, v in saved.items() if k != HISTORY}
+  out = _fill_missing(fields, get_base_config().to_dict())
+  for entry in saved.get(HISTORY, []):
+    for field, change in entry["changes"].items():
+      _set_field(out, field, change["new"])
+  return out
+
+
+def append_history(workdir: str, entry: dict):
+  """Adds one resume's changes to config.json's history; the stored fields stay as they are."""
+  saved = read_config_file(workdir)
+  saved[HISTORY] = saved.get(HISTORY, []) + [entry]
+  write_json(workdir, CONFIG_FILE, saved)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's resolved config; fields added since it was written get their old meaning."""
+  return ml_collections.ConfigDict(stored_config(read_config_file(workdir)))
 
 
 def load_tokenizer(workdir: str):

@@ -85,6 +85,40 @@ def test_megadlm_loss_matches_numpy_given_the_same_noise():
   assert {"aux_loss", "router"} <= set(metrics["aux"])
 
 
+def test_maskgit_loss_is_the_plain_mean_ce_over_every_masked_token():
+  batch, cfg, rng = _batch(b=6), _cfg("maskgit", schedule="cosine"), jax.random.key(11)
+  loss, metrics = _loss(batch, rng, cfg)
+  t, masked, valid = _noise_fn(batch["segment_ids"], cfg)(rng)
+  tokens = np.asarray(batch["tokens"])
+  noisy = np.where(masked, MASK, tokens)
+  np.testing.assert_array_equal(metrics["aux"]["seen_tokens"], noisy)
+  ce = _np_ce(noisy, batch["positions"], tokens)
+  terms = [ce[r, i] for r in range(6) for i in range(12) if masked[r, i]]  # a per-token loop
+  assert masked.sum() > 6 and masked.sum(1).min() >= 1
+  assert float(loss) == pytest.approx(np.mean(terms), rel=1e-5)
+  # the same noise as megadlm: only the weights differ
+  np.testing.assert_array_equal(masked, _noise_fn(batch["segment_ids"], _cfg("megadlm", schedule="cosine"))(rng)[1])
+
+
+def test_maskgit_hand_case():
+  ce = jnp.array([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 0.0, 0.0]])
+  masked = jnp.array([[True, False, True, False], [False, True, False, False]])
+  valid = jnp.array([[True] * 4, [True, True, False, False]])
+  loss, _ = losses.weighted_masked_ce(ce, masked, losses.maskgit_row_weights(masked, valid), valid)
+  assert float(loss) == pytest.approx((1.0 + 3.0 + 6.0) / 3)  # megadlm would give (2 + 6) / 2
+  none = jnp.zeros_like(masked)
+  assert float(losses.weighted_masked_ce(ce, none, losses.maskgit_row_weights(none, valid), valid)[0]) == 0.0
+
+
+@pytest.mark.parametrize("loss", ["megadlm", "maskgit"])
+def test_schedule_sets_the_masking_rate_of_megadlm_and_maskgit(loss):
+  seg = jnp.ones((16, 1024), jnp.int32)
+  for schedule, rate in (("linear", lambda t: t), ("poly2", lambda t: t ** 2),
+                         ("cosine", lambda t: np.cos(np.pi / 2 * (1 - t)))):
+    t, masked, _ = _noise_fn(seg, _cfg(loss, schedule=schedule))(jax.random.key(12))
+    np.testing.assert_allclose(masked.mean(1), np.maximum(rate(t), 1 / 1024), atol=0.06)
+
+
 def test_megadlm_masks_each_row_with_probability_t():
   seg = jnp.ones((8, 512), jnp.int32)
   t, masked, _ = _noise_fn(seg, _cfg("megadlm"))(jax.random.key(1))
@@ -221,7 +255,7 @@ def test_schedule_weight_is_minus_alpha_prime_over_mask_prob(name):
 def test_unknown_names_are_clear_errors():
   with pytest.raises(ValueError, match=r"diffusion\.schedule='sqrt'.*linear, poly2, cosine"):
     get_schedule("sqrt")
-  with pytest.raises(ValueError, match=r"diffusion\.loss='bert'.*megadlm, mdlm_elbo, ar"):
+  with pytest.raises(ValueError, match=r"diffusion\.loss='bert'.*megadlm, maskgit, mdlm_elbo, ar"):
     objectives.compute_loss(_toy_apply, _batch(), jax.random.key(0), _cfg("bert"), mask_id=MASK)
-  assert objectives.LOSS_NAMES == ("megadlm", "mdlm_elbo", "ar")
+  assert objectives.LOSS_NAMES == ("megadlm", "maskgit", "mdlm_elbo", "ar")
   assert SCHEDULE_NAMES == ("linear", "poly2", "cosine")

@@ -137,6 +137,32 @@ def test_token_choice_matches_per_token_loop(activation):
   assert float(got) == pytest.approx(expected, rel=1e-5)
 
 
+def test_selection_bias_changes_which_experts_but_not_the_gates():
+  rng = np.random.default_rng(4)
+  logits = rng.normal(size=(12, 5)).astype(np.float32)
+  bias = np.array([0.0, 0.5, -0.3, 0.2, -1.0], np.float32)
+  mask = np.ones(12, bool)
+  for activation in ("softmax", "sigmoid"):
+    idx, gates, _ = routing.token_choice_topk(jnp.asarray(logits), jnp.asarray(mask), 2, activation, jnp.asarray(bias))
+    for i in range(12):  # per-token loop: choose by score + bias, gate by the unbiased score
+      s = logits[i].astype(np.float64)
+      p = np.exp(s - s.max()) / np.exp(s - s.max()).sum() if activation == "softmax" else 1 / (1 + np.exp(-s))
+      top = np.argsort(-(p + bias), kind="stable")[:2]
+      np.testing.assert_array_equal(np.asarray(idx)[i], top)
+      np.testing.assert_allclose(np.asarray(gates)[i], p[top] / p[top].sum(), rtol=1e-5)
+  # the bias decides: +10 on expert 4 puts it in every token's top 2
+  idx, _, _ = routing.token_choice_topk(jnp.asarray(logits), jnp.asarray(mask), 2, "softmax",
+                                        jnp.array([0, 0, 0, 0, 10.0]))
+  assert (np.asarray(idx) == 4).any(-1).all()
+
+
+def test_balance_bias_step_hand_case():
+  bias = jnp.array([[0.0, 0.1, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+  load = jnp.array([[0.5, 0.25, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25]])
+  got = routing.balance_bias_step(bias, load, 0.01)
+  np.testing.assert_allclose(got, [[-0.01, 0.1, 0.0, 0.01], [0.0, 0.0, 0.0, 0.0]], atol=1e-7)
+
+
 def test_switch_aux_loss_is_one_when_uniform():
   probs = jnp.full((8, 4), 0.25)
   idx = jnp.array([[i % 4, (i + 1) % 4] for i in range(8)], jnp.int32)

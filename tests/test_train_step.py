@@ -3,10 +3,14 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from sdlm_jax.config_files import repo_module
 from sdlm_jax.parallel.mesh import make_mesh
+from sdlm_jax.data.tokenizer import MASK_ID
 from sdlm_jax.train import program as program_lib
+from sdlm_jax.train.metrics import first_nonfinite
+from sdlm_jax.train.step import make_train_step
 
 demo = repo_module("demo")
 
@@ -45,4 +49,20 @@ def test_a_non_finite_step_leaves_the_state_untouched():
   assert not np.isfinite(float(metrics["total_loss"]))
   after = jax.device_get((new_params, new_opt_state))
   for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_updated_params_leave_the_state_untouched():
+  """Loss and gradients are finite, the update is not: the guard's param norm drops the step."""
+  program, batch = _setup(1)
+  to_inf = optax.stateless(lambda updates, params: jax.tree.map(lambda u: u + jnp.inf, updates))
+  step = make_train_step(program.graphdef, program.rest, to_inf, program.lr_schedule, program.cfg, MASK_ID)
+  before = jax.device_get(program.params)
+  with program.context():
+    new_params, _, metrics = step(program.params, to_inf.init(program.params), batch, jnp.int32(0))
+  host = jax.device_get(metrics)
+  assert np.isfinite(host["total_loss"]) and np.isfinite(host["grad_norm"])
+  assert not np.isfinite(host["param_norm"])
+  assert first_nonfinite([host]) == 0
+  for a, b in zip(jax.tree.leaves(jax.device_get(new_params)), jax.tree.leaves(before)):
     np.testing.assert_array_equal(a, b)

@@ -3,7 +3,11 @@
   sdlm-train --config configs/demo.py --workdir runs/demo
   sdlm-train --config configs/demo.py:tc --workdir runs/tc --config.train.num_steps=2000
 
-An existing workdir is resumed from its latest checkpoint. On a multi-host TPU slice every
+An existing workdir is resumed from its latest checkpoint. Its stored config.json is authoritative:
+a changed model, tokenizer, data or routing field stops the command before anything is written;
+num_steps and the log/eval/checkpoint cadence may change; optimizer fields only when listed:
+  sdlm-train --workdir runs/demo --config.train.optimizer.lr=1e-3 --allow_changed=train.optimizer.lr
+ On a multi-host TPU slice every
 worker runs the same command with --distributed (launch/tpu/tpu.sh does this); for local
 multi-process runs pass the coordinator explicitly:
   sdlm-train --distributed --coordinator_address=127.0.0.1:1234 --num_processes=2 --process_id=0 ...
@@ -25,6 +29,9 @@ _JAX_TIMEOUT_GRACE_S = 10
 
 _CONFIG = common.define_config(config_files.DEMO)
 _WORKDIR = common.define_workdir("runs/demo")
+_ALLOW_CHANGED = flags.DEFINE_list(
+    "allow_changed", [], "Fields this resume may change from the run's stored config.json: "
+    "train.optimizer.*, train.grad_accum_steps, diffusion.* (comma-separated names, recorded in its history).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (auto on TPU pods).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (auto on TPU pods).")
@@ -72,7 +79,7 @@ def main(argv):
   if _DISTRIBUTED.value:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED_TIMEOUT.value)
   from sdlm_jax.train import loop  # pylint: disable=import-outside-toplevel
-  result = loop.train(_CONFIG.value, _WORKDIR.value)
+  result = loop.train(_CONFIG.value, _WORKDIR.value, allow_changed=tuple(_ALLOW_CHANGED.value))
   print(" ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)))
 
 

@@ -3,15 +3,20 @@
 `compute_loss(apply_fn, batch, rng, diffusion_cfg, mask_id=...)`, with
 `apply_fn(tokens_BxL, segment_ids_BxL, positions_BxL) -> (logits_BxLxV, aux)`, selects by
 `diffusion_cfg.loss`:
-  megadlm    MegaDLMs' exact loss: t ~ U[0,1) per row, mask each real token with prob t,
-             force one mask into a row that got none, weight 1/p_mask with p_mask the row's
-             realised masked fraction, divide by the number of real tokens. With prob
-             `random_length_prob` the batch is cut to a random length U{2..L}: shapes stay
-             static, so positions past the cut become padding (segment id 0: not attended,
-             not masked, not in the loss).
+  megadlm    MegaDLMs' exact loss: t ~ U[0,1) per row, mask each real token with prob
+             1 - alpha(t) (= t for the default linear schedule), force one mask into a row
+             that got none, weight 1/p_mask with p_mask the row's realised masked fraction,
+             divide by the number of real tokens. With prob `random_length_prob` the batch
+             is cut to a random length U{2..L}: shapes stay static, so positions past the
+             cut become padding (segment id 0: not attended, not masked, not in the loss).
+  maskgit    the same noise, no reweighting: the mean cross-entropy over every masked token
+             of the batch (sum over masked tokens / their number; a batch-level mean, so a
+             row with more masks counts more).
   mdlm_elbo  continuous-time ELBO: antithetic t in [t_min, 1] over the batch, mask with prob
              1 - alpha(t), weight w(t), divide by the number of real tokens.
   ar         next-token cross-entropy (needs a causal model; the caller validates that).
+Under megadlm and maskgit the schedule sets how the masking rate is distributed (rate
+1 - alpha(t), t uniform) and the weight stays the loss's own; under mdlm_elbo it sets both.
 Input and target are the same tokens for the diffusion losses; the model gets no time input.
 
 The randomness is factored out: `sample_noise(rng, ...)` draws everything, and
@@ -29,7 +34,7 @@ from jaxtyping import Array, Bool, Float, Float32, Int, PRNGKeyArray, Real
 from sdlm_jax.diffusion import corruption, losses
 from sdlm_jax.diffusion.schedules import get_schedule
 
-LOSS_NAMES = ("megadlm", "mdlm_elbo", "ar")
+LOSS_NAMES = ("megadlm", "maskgit", "mdlm_elbo", "ar")
 
 
 class Noise(NamedTuple):
@@ -40,13 +45,25 @@ class Noise(NamedTuple):
   weight_B: Float32[Array, "B"]      # per-token loss weight of each row's masked tokens
 
 
-def _megadlm_noise(rng, valid_BxL, cfg):
+def _megadlm_mask(rng, valid_BxL, cfg):
+  """MegaDLMs' noise: random-length cut, t ~ U[0,1) per row, masking rate 1 - alpha(t), one forced mask."""
+  schedule = get_schedule(cfg.schedule)
   rng_cut, rng_t, rng_mask, rng_force = jax.random.split(rng, 4)
   valid_BxL = valid_BxL & corruption.random_length_keep(rng_cut, valid_BxL.shape[1], cfg.random_length_prob)[None]
   t_B = jax.random.uniform(rng_t, (valid_BxL.shape[0],))
-  is_masked_BxL = corruption.sample_mask(rng_mask, t_B, valid_BxL)
+  is_masked_BxL = corruption.sample_mask(rng_mask, schedule.mask_prob(t_B), valid_BxL)
   is_masked_BxL = corruption.force_one_mask(rng_force, is_masked_BxL, valid_BxL)
+  return t_B, is_masked_BxL, valid_BxL
+
+
+def _megadlm_noise(rng, valid_BxL, cfg):
+  t_B, is_masked_BxL, valid_BxL = _megadlm_mask(rng, valid_BxL, cfg)
   return Noise(t_B, is_masked_BxL, valid_BxL, losses.megadlm_row_weights(is_masked_BxL, valid_BxL))
+
+
+def _maskgit_noise(rng, valid_BxL, cfg):
+  t_B, is_masked_BxL, valid_BxL = _megadlm_mask(rng, valid_BxL, cfg)
+  return Noise(t_B, is_masked_BxL, valid_BxL, losses.maskgit_row_weights(is_masked_BxL, valid_BxL))
 
 
 def _mdlm_noise(rng, valid_BxL, cfg):
@@ -57,7 +74,7 @@ def _mdlm_noise(rng, valid_BxL, cfg):
   return Noise(t_B, is_masked_BxL, valid_BxL, schedule.weight(t_B))
 
 
-_NOISE = {"megadlm": _megadlm_noise, "mdlm_elbo": _mdlm_noise}
+_NOISE = {"megadlm": _megadlm_noise, "maskgit": _maskgit_noise, "mdlm_elbo": _mdlm_noise}
 
 
 def _check_name(name: str):
@@ -66,7 +83,7 @@ def _check_name(name: str):
 
 
 def sample_noise(rng: PRNGKeyArray, segment_ids_BxL: Int[Array, "B L"], diffusion_cfg) -> Noise:
-  """All the randomness of a diffusion loss (`megadlm` or `mdlm_elbo`) for one batch."""
+  """All the randomness of a diffusion loss (`megadlm`, `maskgit` or `mdlm_elbo`) for one batch."""
   _check_name(diffusion_cfg.loss)
   if diffusion_cfg.loss not in _NOISE:
     raise ValueError(f"diffusion.loss={diffusion_cfg.loss!r} draws no noise; allowed values: {', '.join(_NOISE)}")

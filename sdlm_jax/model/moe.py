@@ -15,6 +15,11 @@ run through grouped matmuls (`pallas_kernels.gmm`), then unsorted and summed wit
 Expert parallelism (parallel/expert.py): EC's [G, E, C, D] buffer goes to the experts'
 devices and back with one all_to_all each way; TC's pairs are exchanged inside a shard_map.
 
+Aux-loss-free balancing (TC, `moe.bias_update_rate` > 0): a per-expert `selection_bias`
+param, added to the scores only to choose each token's experts. It gets no gradient; the
+train step moves it by `update_selection_biases` after each optimizer update. Being a param,
+it is saved in every checkpoint and exported with the weights.
+
 Padding tokens (token_mask False) get zero output from the whole layer.
 """
 
@@ -29,7 +34,7 @@ from flax.core import spmd as core_spmd
 
 import pallas_kernels
 from sdlm_jax.model import routing
-from sdlm_jax.model.layers import ACT_BLD, dtype_of, param
+from sdlm_jax.model.layers import ACT_BLD, dtype_of, param, zeros_param
 from sdlm_jax.model.mlp import SwiGLU
 from sdlm_jax.parallel import expert as expert_parallel
 from sdlm_jax.parallel.sharding import constrain, logical_to_spec, mesh_axes_of, spec_entry_axes
@@ -81,6 +86,9 @@ class MoE(nnx.Module):
     self.w_gate = param(rngs, (e, d, f), _EXPERT_WEIGHTS["w_gate"], cfg.init_std, pd)
     self.w_up = param(rngs, (e, d, f), _EXPERT_WEIGHTS["w_up"], cfg.init_std, pd)
     self.w_down = param(rngs, (e, f, d), _EXPERT_WEIGHTS["w_down"], cfg.init_std, pd)
+    balanced = moe.router == "token_choice" and moe.get("bias_update_rate", 0.0) > 0
+    # float32 whatever param_dtype: it moves by steps of bias_update_rate
+    self.selection_bias = zeros_param((e,), (None,), jnp.float32) if balanced else None
     # n shared experts of width F are one SwiGLU of width n*F (same function, one matmul).
     self.shared = SwiGLU(d, moe.num_shared_experts * f, cfg, rngs=rngs) if moe.num_shared_experts else None
 
@@ -135,8 +143,9 @@ class MoE(nnx.Module):
     num_experts, k = moe.num_experts, moe.top_k
     x_NxD = constrain(x_BxLxD.reshape(batch * length, d).astype(self.dtype), _ACT_ND)
     mask_N = token_mask_BxL.reshape(-1)
+    bias_E = None if self.selection_bias is None else self.selection_bias[...]
     expert_idx_NxK, gates_NxK, probs_NxE = routing.token_choice_topk(
-        logits_BxLxE.reshape(batch * length, -1), mask_N, k, moe.router_activation)
+        logits_BxLxE.reshape(batch * length, -1), mask_N, k, moe.router_activation, bias_E)
     weights = [getattr(self, name)[...].astype(self.dtype) for name in _EXPERT_WEIGHTS]
     y_NxD = self._token_choice_ffn(x_NxD, expert_idx_NxK, gates_NxK.astype(self.dtype), *weights)
     y_NxD = constrain(y_NxD, _ACT_ND)
@@ -202,6 +211,24 @@ class MoE(nnx.Module):
       out_MxD = jax.lax.psum(out_MxD, axes["mlp"])
     y_MxD = jnp.take(out_MxD, _inverse(order_M), axis=0)
     return jnp.einsum("nkd,nk->nd", y_MxD.reshape(-1, k, d), gates_NxK.astype(y_MxD.dtype))
+
+
+def update_selection_biases(params, expert_load_LxE, rate: float):
+  """params with every MoE layer's `selection_bias` moved one aux-loss-free step (routing.balance_bias_step).
+
+  `expert_load_LxE`: each MoE layer's expert load of the step (the model's
+  `router.expert_load_per_layer`). A scanned stack holds the biases as one [layers, E] leaf;
+  an unrolled one as one [E] leaf per block, found by its block index.
+  """
+  def step(path, leaf):
+    keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+    if "selection_bias" not in [str(k) for k in keys]:
+      return leaf
+    if leaf.ndim == 2:
+      return routing.balance_bias_step(leaf, expert_load_LxE, rate).astype(leaf.dtype)
+    layer = int(keys[keys.index("blocks") + 1])
+    return routing.balance_bias_step(leaf, expert_load_LxE[layer], rate).astype(leaf.dtype)
+  return jax.tree_util.tree_map_with_path(step, params)
 
 
 def _inverse(order_M):

@@ -4,7 +4,8 @@ checkpoints and a final evaluation.
 Resuming is automatic: if WORKDIR/checkpoints holds a checkpoint, params, optimizer state,
 step and data-iterator position are restored and training continues as if never stopped
 (the step RNG is a function of (seed, step), so a resumed run replays the same losses).
-A NaN/Inf loss stops the run before any checkpoint of the bad state is written.
+A NaN/Inf loss, gradient norm or updated-param norm stops the run before any checkpoint of the
+bad state is written.
 """
 
 import time
@@ -24,12 +25,15 @@ from sdlm_jax.parallel.mesh import make_mesh, num_slices_of
 from sdlm_jax.scaling.flops import flops_per_token
 from sdlm_jax.train import evaluate
 from sdlm_jax.train import program as program_lib
+from sdlm_jax.train import resume_rules
+from sdlm_jax.train import run_lock
 from sdlm_jax.train.checkpoint import Checkpointer, agreed_latest_step, gather_process_states, own_process_state
 from sdlm_jax.train.metrics import MetricsWriter, first_nonfinite, peak_flops_per_device, summarize
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss became NaN/Inf; the run stops without checkpointing the bad state."""
+  """The loss, gradient norm or updated params became NaN/Inf; the run stops without checkpointing
+  the bad state."""
 
 
 class _Pending:
@@ -50,7 +54,8 @@ class _Pending:
     bad = first_nonfinite(host)
     if bad is not None:
       raise NonFiniteLossError(
-          f"loss {host[bad]['total_loss']} / grad norm {host[bad]['grad_norm']} at step "
+          f"loss {host[bad]['total_loss']} / grad norm {host[bad]['grad_norm']} / updated param norm "
+          f"{host[bad].get('param_norm')} at step "
           f"{self.items[bad][0] + 1}; stopping without saving. Lower train.optimizer.lr, raise "
           "warmup, or check the data; the run resumes from the last good checkpoint.")
     return host
@@ -77,18 +82,56 @@ class _Pending:
     return out
 
 
-def train(cfg, workdir: str, *, progress: bool = True) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
+def train(cfg, workdir: str, *, progress: bool = True, allow_changed=()) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics.
+
+  A run directory that already holds config.json is resumed under sdlm_jax.train.resume_rules:
+  its stored config and tokenizer are authoritative, `allow_changed` names the optimizer-like
+  fields this resume may change. Process 0 holds WORKDIR/lock.json while it runs
+  (sdlm_jax.train.run_lock): a second job on the same directory stops at once.
+  """
   config_lib.validate(cfg, jax.device_count(), jax.process_count(), num_slices_of(jax.devices()))
+  lock = _acquire_lock(workdir)
+  try:
+    return _train(cfg, workdir, progress=progress, allow_changed=allow_changed)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _acquire_lock(workdir: str):
+  """Process 0's lock of the run directory (None on the other processes); every process raises
+  RunLockedError if process 0 could not take it."""
+  lock, refused = None, None
+  if jax.process_index() == 0:
+    lock = run_lock.RunLock(workdir)
+    try:
+      lock.acquire()
+    except run_lock.RunLockedError as err:
+      refused = err
+  if jax.process_count() > 1:
+    if multihost_utils.broadcast_one_to_all(np.int32(refused is not None)) and refused is None:
+      refused = run_lock.RunLockedError(f"process 0 found {workdir} in use by another sdlm-train")
+  if refused is not None:
+    raise refused
+  return lock
+
+
+def _train(cfg, workdir: str, *, progress: bool, allow_changed) -> dict:
   cfg = cfg.copy_and_resolve_references()
   cfg.data.data_dir = storage.location(cfg.data.data_dir)  # config.json must work from any directory
   cfg.data.paths = pipeline.absolute_paths(cfg.data)
   is_main = jax.process_index() == 0
+  # Checks before anything is written: the stored config's rules, an empty validation split,
+  # the size of one epoch, the tokenizer a resume would use.
+  resuming = workdir_lib.has_config(workdir)
+  history = resume_rules.check_workdir(workdir, cfg, allow_changed) if resuming else None
   tokenizer, _ = pipeline.prepare(cfg.data, cfg.model.vocab_size)
-  # Data checks before anything is written: an empty validation split, the size of one epoch.
   evaluate.validation_batches(cfg, tokenizer, cfg.train.batch_size, 1)
   epoch_tokens = pipeline.train_tokens(cfg.data, tokenizer, cfg.seed)
-  if is_main:
+  if resuming:
+    resume_rules.check_tokenizer(workdir, tokenizer)
+  elif is_main:
     workdir_lib.save_run_files(workdir, cfg, tokenizer)
 
   local_batch = cfg.train.batch_size // jax.process_count()
@@ -102,9 +145,12 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
   # On resume the state is only described, then restored straight onto its shardings.
   program = program_lib.build(cfg, make_mesh(cfg.mesh), abstract=bool(start_step))
   if start_step:
-    program.params, program.opt_state, data_state, meta = ckpt.restore(start_step, program.params, program.opt_state)
+    start_step, program.params, program.opt_state, data_state, meta = ckpt.restore_latest(
+        program.params, program.opt_state)
     pipeline.restore_iterator(train_iter, own_process_state(data_state))
     print(f"Resumed from step {start_step} (data position restored, seed {meta['seed']}).", flush=True)
+  if history and is_main:
+    workdir_lib.append_history(workdir, {**history, "step": start_step})
   if is_main:
     _write_param_overview(workdir, program.params)
   writer = MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
@@ -126,6 +172,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict:
         batch = program.global_batch(local_batch)
         program.params, program.opt_state, metrics = program.step(program.params, program.opt_state, batch, step)
         pending.add(step, metrics)
+        ckpt.poll()
         done = step + 1
         is_last = done == cfg.train.num_steps
         if done % cfg.train.log_every == 0 or is_last:

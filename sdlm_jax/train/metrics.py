@@ -1,7 +1,8 @@
 """Training metrics: interval averaging, WORKDIR/metrics.jsonl and TensorBoard events.
 
 metrics.jsonl holds one JSON object per logged step. On resume, lines past the restored
-step are dropped first, so the file always describes exactly one run's history.
+step are dropped first, so the file always describes exactly one run's history; a line that is
+not whole JSON (torn by a crash mid-write) is dropped with a warning.
 
 On a gs:// work dir (objects there cannot be appended to, and tensorboardX writes local files
 only) both are written to a local staging folder and copied up by `sync()`, which the train
@@ -15,6 +16,7 @@ not once per checkpoint.
 import json
 import math
 import shutil
+import sys
 import tempfile
 import uuid
 
@@ -62,7 +64,7 @@ def peak_flops_per_device() -> float | None:
   return None
 
 
-def first_nonfinite(step_metrics: list[dict], keys=("total_loss", "grad_norm")) -> int | None:
+def first_nonfinite(step_metrics: list[dict], keys=("total_loss", "grad_norm", "param_norm")) -> int | None:
   """Index of the first step where any of `keys` is NaN/Inf, or None."""
   for i, m in enumerate(step_metrics):
     if not all(math.isfinite(float(m[k])) for k in keys if k in m):
@@ -97,8 +99,16 @@ class MetricsWriter:
     source = self.workdir / "metrics.jsonl"
     if not source.exists():
       return
-    kept = [line for line in source.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for number, line in enumerate(source.read_text().splitlines(keepends=True), 1):
+      try:
+        record = json.loads(line) if line.strip() else None
+      except json.JSONDecodeError:  # a line torn by a crash mid-write: it was never a whole record
+        sys.stderr.write(f"warning: {source} line {number} is not a whole JSON record (a write cut short); "
+                         f"dropped: {line.strip()[:80]!r}\n")
+        continue
+      if record is not None and record["step"] <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
     text = "".join(kept)
     storage.write_text(self.path, text)
     if self._remote:

@@ -11,6 +11,7 @@ import optax
 from flax import nnx
 
 from sdlm_jax.diffusion import objectives
+from sdlm_jax.model.moe import update_selection_biases
 
 
 def step_rng(seed: int, step):
@@ -76,11 +77,15 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, lr_
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    # A non-finite loss or gradient never reaches the state: the step is dropped (the loop
-    # then stops with an error), so whatever is checkpointed is the last good state.
-    ok = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
+    bias_rate = cfg.model.moe.get("bias_update_rate", 0.0)
+    if bias_rate > 0 and "router/expert_load_per_layer" in metrics:
+      new_params = update_selection_biases(new_params, metrics["router/expert_load_per_layer"], bias_rate)
+    param_norm = optax.tree.norm(new_params)
+    # A non-finite loss, gradient or updated param never reaches the state: the step is dropped
+    # (the loop then stops with an error), so whatever is checkpointed is the last good state.
+    ok = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    metrics.update(grad_norm=grad_norm, lr=lr_schedule(step))
+    metrics.update(grad_norm=grad_norm, param_norm=param_norm, lr=lr_schedule(step))
     return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
   out_shardings = None if state_shardings is None else (*state_shardings, None)

@@ -118,15 +118,9 @@ def _declared_costs(spec: Spec):
     _ACTIVE_COSTS.pop()
 
 
-@functools.lru_cache(maxsize=64)
 def _kernel(spec: Spec):
-  """The kernel for `spec`; its mask tables are concrete arrays even when first built inside a
-  trace (it is cached across traces)."""
-  with jax.ensure_compile_time_eval():
-    return _make_kernel(spec)
-
-
-def _make_kernel(spec: Spec):
+  """The kernel for `spec`, built inside the trace that uses it (its mask tables become that
+  trace's constants; a kernel cached across traces would leak them)."""
   shape = (spec.length, spec.length)
   mask = splash.CausalMask(shape) if spec.causal else splash.FullMask(shape)
   b = spec.block

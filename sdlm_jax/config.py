@@ -73,6 +73,9 @@ def _check_model(m, seq_len, platform):
   if m.attention == "cudnn" and m.dtype not in ("bfloat16", "float16"):
     raise ConfigError(f"model.attention='cudnn' needs model.dtype bfloat16 or float16 (cuDNN's fused attention "
                       f"takes no {m.dtype}); allowed values: auto (picks XLA for {m.dtype}), xla")
+  if m.attention == "splash" and platform != "tpu":
+    raise ConfigError(f"model.attention='splash' is a TPU kernel (this run compiles for {platform}); allowed "
+                      "values here: auto, xla, splash_interpret (the kernel in Pallas TPU interpret mode, slow)")
   _one_of("model.remat", m.remat, REMAT_POLICIES)
   _check_moe(m.moe, m.num_layers, seq_len, m.causal)
 

@@ -31,9 +31,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02
   m.dtype = "bfloat16"         # compute dtype; params are kept in param_dtype
   m.param_dtype = "float32"
-  m.attention = "auto"         # auto | xla | cudnn | splash
+  m.attention = "auto"         # auto (TPU: splash, GPU: cudnn for bf16/f16, else xla) | xla | cudnn | splash | splash_interpret
   m.scan_layers = True         # stack each run of identical layers under one nnx.scan (compile time flat in depth)
-  m.remat = "full"             # what a block keeps for backward: none | full | save_dots | save_dots_no_batch | offload
+  m.remat = "full"             # what a block keeps for backward (sdlm_jax/model/transformer.py REMAT_POLICIES):
+                               # none | full | minimal | minimal_with_context | save_dot_except_mlp | save_qkv_proj
+                               # | save_dots | save_dots_no_batch | offload
 
   moe = m.moe = ml_collections.ConfigDict()
   moe.num_experts = 0          # 0: every layer uses a dense FFN

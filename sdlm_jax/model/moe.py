@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from flax.core import spmd as core_spmd
+from jax.ad_checkpoint import checkpoint_name
 
 import pallas_kernels
 from sdlm_jax.model import routing
@@ -112,11 +113,12 @@ class MoE(nnx.Module):
     """Every expert's SwiGLU over its C dispatched tokens, scaled by their gates: three batched einsums."""
     dt = self.dtype
     xe_GxExCxD = constrain(xe_GxExCxD.astype(dt), _ACT_GECD)
-    gate_GxExCxF = jnp.einsum("gecd,edf->gecf", xe_GxExCxD, self.w_gate[...].astype(dt))
-    up_GxExCxF = jnp.einsum("gecd,edf->gecf", xe_GxExCxD, self.w_up[...].astype(dt))
+    gate_GxExCxF = checkpoint_name(jnp.einsum("gecd,edf->gecf", xe_GxExCxD, self.w_gate[...].astype(dt)), "mlpwi_0")
+    up_GxExCxF = checkpoint_name(jnp.einsum("gecd,edf->gecf", xe_GxExCxD, self.w_up[...].astype(dt)), "mlpwi_1")
     h_GxExCxF = jax.nn.silu(gate_GxExCxF) * up_GxExCxF * gates_GxExC[..., None].astype(dt)
     h_GxExCxF = constrain(h_GxExCxF, _ACT_GECF)
-    return constrain(jnp.einsum("gecf,efd->gecd", h_GxExCxF, self.w_down[...].astype(dt)), _ACT_GECD)
+    return checkpoint_name(constrain(jnp.einsum("gecf,efd->gecd", h_GxExCxF, self.w_down[...].astype(dt)), _ACT_GECD),
+                           "mlpwo")
 
   def _expert_choice(self, x_BxLxD, logits_BxLxE, token_mask_BxL):
     moe = self.moe

@@ -25,10 +25,23 @@ from sdlm_jax.model.stacks import layer_stacks
 from sdlm_jax.parallel.sharding import constrain
 
 _POLICIES = jax.checkpoint_policies
-# What a block keeps for the backward pass (everything else is recomputed):
+# Names the block tags its matmul outputs with (jax.ad_checkpoint.checkpoint_name), as MaxText
+# does: attention's q/k/v projections, its output before the projection ("context", the
+# attention kernel's result) and after it, and the gated FFN's (dense, shared or expert) two
+# input projections and output projection.
+QKV_NAMES = ("query_proj", "key_proj", "value_proj")
+MLP_NAMES = ("mlpwi_0", "mlpwi_1", "mlpwo")
+# What a block keeps for the backward pass (everything else is recomputed). The named ones
+# follow MaxText's remat policies of the same name.
 REMAT_POLICIES = {
     "none": None,                                       # no remat: keep every activation
     "full": _POLICIES.nothing_saveable,                 # keep only the block's input
+    # the projections' outputs, so only norms, RoPE, activations and attention are recomputed
+    "minimal": _POLICIES.save_only_these_names(*QKV_NAMES, "out_proj", *MLP_NAMES),
+    # ... and the attention kernel's output too: nothing but elementwise work is recomputed
+    "minimal_with_context": _POLICIES.save_only_these_names(*QKV_NAMES, "context", "out_proj", *MLP_NAMES),
+    "save_dot_except_mlp": _POLICIES.save_only_these_names(*QKV_NAMES, "out_proj"),  # recompute the FFN
+    "save_qkv_proj": _POLICIES.save_only_these_names(*QKV_NAMES),
     "save_dots": _POLICIES.dots_saveable,               # keep every matmul output
     "save_dots_no_batch": _POLICIES.dots_with_no_batch_dims_saveable,  # ... except batched ones (attention, experts)
     "offload": _POLICIES.offload_dot_with_no_batch_dims("device", "pinned_host"),  # those, in host memory

@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from ml_collections import ConfigDict
 
-from sdlm_jax.diffusion import objectives, uniform
+from sdlm_jax.diffusion import likelihood, objectives, uniform
 from sdlm_jax.diffusion.schedules import get_schedule
 
 MASK = 4
@@ -191,3 +192,55 @@ def test_uniform_loss_matches_a_per_token_float64_loop():
   assert float(loss) == pytest.approx(total / seg.sum(), rel=1e-4)
   assert (noisy[seg == 0] == tokens[seg == 0]).all()
   assert float(metrics["masked_frac"]) == pytest.approx(((noisy != tokens) & (seg > 0)).sum() / seg.sum())
+
+
+class _Config:
+  vocab_size = 16
+
+
+class UniformTimeModel(nnx.Module):
+  """x_theta uniform over the support whatever z_t and t (takes t, as a time-embedding model does)."""
+  cfg = _Config()
+
+  def __call__(self, tokens_BxL, *, segment_ids_BxL, positions_BxL, t_B):
+    return jnp.zeros(tokens_BxL.shape + (16,)) + 0.0 * t_B[:, None, None], {}
+
+
+class OracleTimeModel(nnx.Module):
+  """Knows the clean batch: x_theta = x, so every ELBO term vanishes."""
+  cfg = _Config()
+
+  def __init__(self, tokens_BxL):
+    self.answer = nnx.Variable(jnp.asarray(tokens_BxL))
+
+  def __call__(self, tokens_BxL, *, segment_ids_BxL, positions_BxL, t_B):
+    return 40.0 * jax.nn.one_hot(self.answer[...], 16), {}
+
+
+def _eval_batches(b=16, l=64):
+  rng = np.random.default_rng(0)
+  seg = np.ones((b, l), np.int32)
+  seg[1, 40:] = 0
+  return [{"tokens": rng.integers(5, 16, (b, l)).astype(np.int32), "segment_ids": seg,
+           "positions": (np.arange(l)[None] * seg).astype(np.int32)}]
+
+
+def test_uniform_kernel_elbo_bound_of_an_oracle_is_zero_and_of_a_uniform_model_matches_quadrature():
+  batches = _eval_batches()
+  args = dict(num_t_samples=16, seed=0, schedule_name="linear", t_min=1e-3, mask_id=MASK, kernel="uniform")
+  oracle = likelihood.elbo_bound(OracleTimeModel(batches[0]["tokens"]), batches, **args)
+  assert oracle["num_tokens"] == 16 * 64 - 24 and abs(oracle["nll_per_token"]) < 1e-4  # float32 rounding
+  got = likelihood.elbo_bound(UniformTimeModel(), batches, **args)["nll_per_token"]
+  # float64: E_t E_z [rate/N * h]; x_theta uniform makes xbar_theta = 1, so s_y = 1 and
+  # h = sum_{y != z} [1 + r_y log r_y - r_y], with r = small/big (N-1 times) when z = x, else
+  # r_x = big/small and r = 1 at the N-2 others
+  n, quad, lo, hi = 15, 4000, 1e-3, 1 - 1e-3
+  want = 0.0
+  for t in lo + (np.arange(quad) + 0.5) * (hi - lo) / quad:
+    a = 1.0 - t
+    big, small = n * a + 1 - a, 1 - a
+    h_same = (n - 1) * (1.0 - small / big + small / big * math.log(small / big))
+    h_diff = 1.0 - big / small + big / small * math.log(big / small)
+    p_same = a + (1 - a) / n
+    want += (p_same * h_same + (1 - p_same) * h_diff) / ((1 - t) * n) * (hi - lo) / quad
+  assert got == pytest.approx(want, rel=0.03)

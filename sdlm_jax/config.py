@@ -15,6 +15,7 @@ from pallas_kernels import BACKENDS
 from sdlm_jax import storage
 from sdlm_jax.data.corpus import DATA_SOURCES
 from sdlm_jax.diffusion.objectives import LOSS_NAMES as DIFFUSION_LOSSES
+from sdlm_jax.diffusion.objectives import KERNELS, T_SAMPLINGS
 from sdlm_jax.diffusion.sampler import REMASKING, check_settings
 from sdlm_jax.diffusion.schedules import SCHEDULE_NAMES as SCHEDULES
 from sdlm_jax.errors import UserInputError, check_choice, check_number
@@ -105,6 +106,7 @@ def _check_moe(moe, num_layers, seq_len, causal):
   _number("model.moe.num_shared_experts", moe.num_shared_experts, lo=0, integer=True)
   _number("model.moe.routed_scaling_factor", moe.routed_scaling_factor, lo=0, lo_open=True)
   _number("model.moe.load_balance_weight", moe.load_balance_weight, lo=0)
+  _check_scaling_factors(moe.dynamic_scaling_factors, moe.num_experts)
   _number("model.moe.bias_update_rate", moe.bias_update_rate, lo=0, note="(0: off)")
   if moe.bias_update_rate > 0 and moe.router != "token_choice":
     raise ConfigError(f"model.moe.bias_update_rate={moe.bias_update_rate} balances token-choice routing (expert "
@@ -119,6 +121,16 @@ def _check_moe(moe, num_layers, seq_len, causal):
           "model.moe.num_experts")
 
 
+def _check_scaling_factors(factors, num_experts):
+  name = "model.moe.dynamic_scaling_factors"
+  if not isinstance(factors, (tuple, list)) or len(factors) not in (0, num_experts + 1):
+    raise ConfigError(f"{name}={factors!r}; allowed values: () (off) or num_experts+1={num_experts + 1} numbers, "
+                      "entry n scaling the gates of a token that n experts route")
+  for n, f in enumerate(factors):
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f < 0:
+      raise ConfigError(f"{name}[{n}]={f!r}; allowed values: finite numbers >= 0")
+
+
 def _check_diffusion(d, causal):
   _one_of("diffusion.loss", d.loss, DIFFUSION_LOSSES)
   _one_of("diffusion.schedule", d.schedule, SCHEDULES)
@@ -130,8 +142,31 @@ def _check_diffusion(d, causal):
     raise ConfigError(f"diffusion.schedule={d.schedule!r} has no meaning for diffusion.loss='ar' (nothing is "
                       "masked); allowed values: linear (the default, ignored)")
   _number("diffusion.t_min", d.t_min, lo=0, hi=1, lo_open=True, hi_open=True)
+  _one_of("diffusion.t_sampling", d.t_sampling, T_SAMPLINGS)
+  if d.loss == "ar" and d.t_sampling != "uniform":
+    raise ConfigError(f"diffusion.t_sampling={d.t_sampling!r} has no meaning for diffusion.loss='ar' (there is no "
+                      "t); allowed values: uniform (the default, ignored)")
+  _number("diffusion.moving_gaussian_std", d.moving_gaussian_std, lo=0.05, hi=10,
+          note="(the window's width in t; below 0.05 its truncation is numerically unsafe)")
   _number("diffusion.random_length_prob", d.random_length_prob, lo=0, hi=1)
   _positive("diffusion.num_t_buckets", d.num_t_buckets)
+
+
+def _check_kernel(d, m, s):
+  _one_of("diffusion.kernel", d.kernel, KERNELS)
+  if d.kernel == "uniform":
+    if d.loss != "mdlm_elbo":
+      raise ConfigError(f"diffusion.loss={d.loss!r} is a masked-kernel loss; with diffusion.kernel='uniform' allowed "
+                        "values: mdlm_elbo (the continuous-time ELBO, here of the uniform kernel)")
+    if not m.time_embedding:
+      raise ConfigError("diffusion.kernel='uniform' needs model.time_embedding=True (a uniformly corrupted input does "
+                        "not show how noisy it is)")
+    if s.block_size or s.cfg_scale:
+      raise ConfigError(f"sample.block_size={s.block_size} / sample.cfg_scale={s.cfg_scale}: the uniform kernel's "
+                        "sampler decodes one block without guidance; allowed values: 0 for both")
+  elif m.time_embedding:
+    raise ConfigError(f"model.time_embedding=True is for diffusion.kernel='uniform' (diffusion.kernel="
+                      f"{d.kernel!r} gives the model no t); allowed values: False")
 
 
 def _check_data(data):
@@ -242,6 +277,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1, process_count
   _number("seed", cfg.seed, integer=True)
   _check_model(cfg.model, cfg.data.seq_len, platform or jax.default_backend())
   _check_diffusion(cfg.diffusion, cfg.model.causal)
+  _check_kernel(cfg.diffusion, cfg.model, cfg.sample)
   _check_data(cfg.data)
   try:
     _check_train(cfg, num_devices, process_count, num_slices)

@@ -106,6 +106,24 @@ def test_bias_update_rate_is_for_token_choice_and_not_negative():
   assert "model.moe.bias_update_rate=-1" in _bad(lambda c: setattr(c.model.moe, "bias_update_rate", -1.0))
 
 
+def test_dynamic_scaling_factors_need_num_experts_plus_one_finite_numbers():
+  assert "num_experts+1=9 numbers" in _bad(lambda c: setattr(c.model.moe, "dynamic_scaling_factors", (1.0, 2.0)))
+  msg = _bad(lambda c: setattr(c.model.moe, "dynamic_scaling_factors", (1.0,) * 8 + (math.inf,)))
+  assert "model.moe.dynamic_scaling_factors[8]=inf" in msg
+  cfg = demo.get_config("ec")
+  cfg.model.moe.dynamic_scaling_factors = (0, 1, 1.2, 1.4, 1.6, 1.8, 2, 2, 2)
+  validate(cfg)
+
+
+def test_t_sampling_names_and_width():
+  assert "diffusion.t_sampling='normal'" in _bad(lambda c: setattr(c.diffusion, "t_sampling", "normal"))
+  assert "diffusion.moving_gaussian_std=0.01" in _bad(lambda c: setattr(c.diffusion, "moving_gaussian_std", 0.01))
+  def ar(c):
+    c.model.causal, c.diffusion.loss, c.diffusion.t_sampling = True, "ar", "moving_gaussian"
+    c.model.moe.router = "token_choice"
+  assert "diffusion.t_sampling='moving_gaussian' has no meaning for diffusion.loss='ar'" in _bad(ar)
+
+
 def test_gqa_heads_must_divide():
   assert "num_kv_heads" in _bad(lambda c: setattr(c.model, "num_kv_heads", 3))
 

@@ -209,6 +209,43 @@ def test_antithetic_t_covers_every_stratum_once():
   assert sorted(np.floor(t * 8).astype(int).tolist()) == list(range(8))
 
 
+@pytest.mark.parametrize("progress,std,t_min", [(0.0, 0.25, 0.0), (0.3, 0.25, 1e-3), (1.0, 0.1, 1e-3), (0.7, 2.0, 0.0)])
+def test_moving_gaussian_t_is_the_truncated_normal_inverse_cdf(progress, std, t_min):
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  u = np.linspace(0.0, 0.999, 37)
+  got = np.asarray(corruption.moving_gaussian_t(jnp.asarray(u, jnp.float32), progress, std, t_min), np.float64)
+  a, b = (t_min - progress) / std, (1.0 - progress) / std
+  want = stats.truncnorm.ppf(u, a, b, loc=progress, scale=std)  # float64, computed another way
+  np.testing.assert_allclose(got, np.clip(want, t_min, 1.0), atol=2e-4)
+  assert got.min() >= t_min and got.max() <= 1.0 and (np.diff(got) >= 0).all()
+
+
+def test_moving_gaussian_window_moves_from_clean_to_noisy_over_training():
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  seg = jnp.ones((256, 4), jnp.int32)
+  for loss in ("megadlm", "mdlm_elbo"):
+    cfg = _cfg(loss, t_sampling="moving_gaussian", moving_gaussian_std=0.25)
+    fn = jax.jit(lambda r, p, cfg=cfg: objectives.sample_noise(r, seg, cfg, p).t_B)
+    means = []
+    for progress in (0.0, 0.5, 1.0):
+      t = np.asarray(fn(jax.random.key(13), progress), np.float64)
+      lo = cfg.t_min if loss == "mdlm_elbo" else 0.0
+      want = stats.truncnorm.mean((lo - progress) / 0.25, (1 - progress) / 0.25, loc=progress, scale=0.25)
+      assert t.mean() == pytest.approx(want, abs=0.02)
+      means.append(t.mean())
+    assert means[0] < 0.25 < means[1] < 0.75 < means[2]
+  assert _cfg("megadlm").get("t_sampling", "uniform") == "uniform"
+
+
+def test_progress_reaches_the_loss_through_the_train_step_argument():
+  batch = _batch(b=8)
+  cfg = _cfg("mdlm_elbo", t_sampling="moving_gaussian", moving_gaussian_std=0.1)
+  fn = jax.jit(lambda r, p: objectives.compute_loss(_toy_apply, batch, r, cfg, mask_id=MASK, progress=p)[1])
+  early, late = fn(jax.random.key(0), 0.0), fn(jax.random.key(0), 1.0)
+  assert float(early["masked_frac"]) < 0.3 < 0.7 < float(late["masked_frac"])
+  assert float(early["t_bucket_count"][0]) == 8 and float(late["t_bucket_count"][-1]) == 8
+
+
 def test_compute_loss_is_jittable_and_deterministic_given_rng():
   batch, cfg = _batch(), _cfg("megadlm", random_length_prob=0.5)
   fn = jax.jit(lambda rng: objectives.compute_loss(_toy_apply, batch, rng, cfg, mask_id=MASK)[0])

@@ -56,6 +56,22 @@ def test_expert_choice_matches_per_expert_loop(activation, groups, tokens, k):
   assert np.allclose(sums[ref_picked.any(-1)], 1.0) and np.all(sums[~ref_picked.any(-1)] == 0)
 
 
+def test_dynamic_scale_hand_case_and_expert_choice_gates():
+  factors = (0.0, 1.0, 1.5, 2.0)
+  np.testing.assert_allclose(routing.dynamic_scale(jnp.array([[0, 1], [2, 3]]), factors), [[0.0, 1.0], [1.5, 2.0]])
+  logits = np.random.default_rng(6).normal(size=(2, 9, 3)).astype(np.float32)
+  mask = np.ones((2, 9), bool)
+  _, picked, gates = ec_reference(logits, mask, 1, "softmax")
+  idx, slot_gates, _ = routing.expert_choice(jnp.asarray(logits), jnp.asarray(mask), 1, "softmax",
+                                             scaling_factors=factors)
+  want = gates * np.asarray(factors)[picked.sum(-1)][..., None]
+  got = np.zeros_like(want)
+  for g in range(2):
+    for e in range(3):
+      got[g, np.asarray(idx)[g, e], e] = np.asarray(slot_gates)[g, e]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_expert_choice_ties_go_to_the_lower_token_index():
   logits = np.zeros((1, 6, 2), np.float32)  # all tied: C = 3 -> tokens 0, 1, 2 for both experts
   idx, _, picked = routing.expert_choice(jnp.asarray(logits), jnp.ones((1, 6), bool), 1, "softmax")

@@ -15,6 +15,10 @@ run through grouped matmuls (`pallas_kernels.gmm`), then unsorted and summed wit
 Expert parallelism (parallel/expert.py): EC's [G, E, C, D] buffer goes to the experts'
 devices and back with one all_to_all each way; TC's pairs are exchanged inside a shard_map.
 
+Dynamic scaling factors (`moe.dynamic_scaling_factors`, E+1 numbers f[0..E]): a token's gates
+are multiplied by f[n], n the number of experts routing it. Under EC n varies from 0 to E per
+token; under TC it is always k, so the table acts as the constant factor f[k].
+
 Aux-loss-free balancing (TC, `moe.bias_update_rate` > 0): a per-expert `selection_bias`
 param, added to the scores only to choose each token's experts. It gets no gradient; the
 train step moves it by `update_selection_biases` after each optimizer update. Being a param,
@@ -129,7 +133,8 @@ class MoE(nnx.Module):
     logits_GxNxE = logits_BxLxE.reshape(groups, tokens, -1)
     mask_GxN = token_mask_BxL.reshape(groups, tokens)
     token_idx_GxExC, gates_GxExC, picked_GxNxE = routing.expert_choice(
-        logits_GxNxE, mask_GxN, moe.top_k, moe.router_activation, backend=moe.backend)
+        logits_GxNxE, mask_GxN, moe.top_k, moe.router_activation, backend=moe.backend,
+        scaling_factors=tuple(moe.get("dynamic_scaling_factors", ())))
     xe_GxExCxD = pallas_kernels.ec_dispatch(x_GxNxD, token_idx_GxExC, backend=moe.backend)
     ye_GxExCxD = expert_parallel.from_experts(
         self._experts(expert_parallel.to_experts(xe_GxExCxD), expert_parallel.to_experts(gates_GxExC)))
@@ -148,6 +153,8 @@ class MoE(nnx.Module):
     bias_E = None if self.selection_bias is None else self.selection_bias[...]
     expert_idx_NxK, gates_NxK, probs_NxE = routing.token_choice_topk(
         logits_BxLxE.reshape(batch * length, -1), mask_N, k, moe.router_activation, bias_E)
+    if moe.get("dynamic_scaling_factors", ()):  # every token has exactly k experts: entry k, a constant
+      gates_NxK = gates_NxK * float(moe.dynamic_scaling_factors[k])
     weights = [getattr(self, name)[...].astype(self.dtype) for name in _EXPERT_WEIGHTS]
     y_NxD = self._token_choice_ffn(x_NxD, expert_idx_NxK, gates_NxK.astype(self.dtype), *weights)
     y_NxD = constrain(y_NxD, _ACT_ND)

@@ -40,13 +40,14 @@ def ec_capacity(num_tokens, top_k: int, num_experts: int):
 
 
 def expert_choice(logits_GxNxE: Float[Array, "G N E"], token_mask_GxN: Bool[Array, "G N"], top_k: int,
-                  activation: str, *, backend: str = "auto"
+                  activation: str, *, backend: str = "auto", scaling_factors: tuple = ()
                   ) -> tuple[Int32[Array, "G E C"], Float32[Array, "G E C"], Bool[Array, "G N E"]]:
   """Each expert's top-C tokens per group and their gates.
 
   Returns (token_idx_GxExC int32, slot_gates_GxExC f32, picked_GxNxE bool). A slot holding a
   padding token (only when a group has fewer than C real tokens) has gate 0 and is not
-  `picked`. Gradients reach the logits through the gates only.
+  `picked`. Gradients reach the logits through the gates only. `scaling_factors` (E+1 numbers,
+  empty: off) multiplies a token's gates by its entry n, n the number of experts that picked it.
   """
   num_groups, num_tokens, num_experts = logits_GxNxE.shape
   capacity = ec_capacity(num_tokens, top_k, num_experts)
@@ -59,8 +60,16 @@ def expert_choice(logits_GxNxE: Float[Array, "G N E"], token_mask_GxN: Bool[Arra
   picked_GxNxE = jnp.zeros(logits_GxNxE.shape, bool).at[g_idx, token_idx_GxExC, e_idx].set(True)
   picked_GxNxE &= token_mask_GxN[..., None]
   gates_GxNxE = expert_choice_gates(logits_GxNxE, picked_GxNxE, activation)
+  if scaling_factors:
+    gates_GxNxE = gates_GxNxE * dynamic_scale(jnp.sum(picked_GxNxE, axis=-1), scaling_factors)[..., None]
   slot_gates_GxExC = gates_GxNxE[g_idx, token_idx_GxExC, e_idx]
   return token_idx_GxExC, slot_gates_GxExC, picked_GxNxE
+
+
+def dynamic_scale(experts_per_token_N: Int[Array, "*N"], scaling_factors: tuple) -> Float32[Array, "*N"]:
+  """The dynamic scaling factor of each token: entry n of the E+1 numbers, n its number of experts."""
+  table_En1 = jnp.asarray(scaling_factors, jnp.float32)
+  return table_En1[jnp.clip(experts_per_token_N, 0, table_En1.shape[0] - 1)]
 
 
 def expert_choice_gates(logits_GxNxE: Float[Array, "G N E"], picked_GxNxE: Bool[Array, "G N E"],

@@ -106,6 +106,8 @@ def shrink(c):
     m.moe.num_experts = 8
     m.moe.expert_mlp_dim = 32
     m.moe.top_k = 2
+    if m.moe.dynamic_scaling_factors:  # a table f[n] over expert counts: its first E+1 entries
+      m.moe.dynamic_scaling_factors = tuple(m.moe.dynamic_scaling_factors[:m.moe.num_experts + 1])
   c.data.seq_len = 64
   c.data.tokenizer_sample_chars = 300_000
   c.train.batch_size = 8

@@ -25,6 +25,10 @@ where it gives one:
   skip2     the first 2 layers keep a dense FFN of the backbone's width (skip vs keep)
   seq       sequence-level expert choice: each sequence routes its own tokens (batch vs seq)
   sigmoid   sigmoid router gates instead of softmax
+  dynscale  dynamic scaling factors (with vs without; with `tc` too): a token that n experts
+            route has its gates multiplied by f[n] = sqrt(n). The seeds do not publish their
+            table; ours undoes the 1/sqrt(n) shrink of a sum of n roughly independent expert
+            outputs whose gates add up to 1 (under token choice this is a constant sqrt(8))
   ar        the causal AR MoE of the same experts (token choice: EC is not causal)
 plus the common options of sdlm_jax/recipes.py (bs<N>, lr<X>, wd0, ep<N>, smoke).
 Upcycling from the dense model is `sdlm-upcycle` on a dense_1b7 run, not a variant.
@@ -51,6 +55,10 @@ def _no_shared(c):
   c.model.moe.top_k += 1
 
 
+def _dynamic_scaling(c):
+  c.model.moe.dynamic_scaling_factors = tuple(float(n) ** 0.5 for n in range(c.model.moe.num_experts + 1))
+
+
 VARIANTS = {
     "tc": recipes.to_token_choice,
     "lbl": lambda c: setattr(c.model.moe, "load_balance_weight", 0.01),
@@ -60,6 +68,7 @@ VARIANTS = {
     "skip2": lambda c: setattr(c.model.moe, "first_k_dense", 2),
     "seq": lambda c: setattr(c.model.moe, "ec_group", "sequence"),
     "sigmoid": lambda c: setattr(c.model.moe, "router_activation", "sigmoid"),
+    "dynscale": _dynamic_scaling,
 }
 
 

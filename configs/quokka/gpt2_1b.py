@@ -8,6 +8,13 @@ arms are listed without a claimed winner.
 
 Variants (the argument; combine with commas):
   linear, cosine, poly2   the masking schedule alpha(t) (default: linear)
+  uniform                 the uniform transition kernel (tokens replaced by random tokens; the
+                          continuous-time ELBO over all positions, a time-embedding input)
+                          against the masked (absorbing) kernel
+  moving_gaussian         t drawn from a Gaussian window moving from clean to noisy over
+                          training, against uniform t (docs/formulas.md states the window)
+  maskgit, diffusion300b  MaskGIT's loss (unweighted CE over masked tokens) against the
+                          principled diffusion loss, both at 300B tokens as Quokka ran them
   bs256, bs1024, bs4096   global batch at the same 96B tokens (do batch sizes transfer from AR?)
   lr1e-4, lr2e-4, lr4e-4  peak learning rate (does the AR-optimal lr transfer?)
   ar                      the AR model of the same shape (pair with bs*/lr* for the AR side)
@@ -21,8 +28,27 @@ Run a transfer grid with sdlm-sweep, e.g.
 
 from sdlm_jax import recipes
 
+def _uniform_kernel(c):
+  c.diffusion.kernel = "uniform"
+  c.diffusion.loss = "mdlm_elbo"
+  c.model.time_embedding = True
+
+
+def _loss_arm(loss: str):
+  def apply(c):
+    c.diffusion.loss = loss
+    recipes.set_tokens(c, 300_000_000_000)
+  return apply
+
+
 VARIANTS = {name: (lambda c, name=name: setattr(c.diffusion, "schedule", name))
             for name in ("linear", "cosine", "poly2")}
+VARIANTS.update({
+    "uniform": _uniform_kernel,
+    "moving_gaussian": lambda c: setattr(c.diffusion, "t_sampling", "moving_gaussian"),
+    "maskgit": _loss_arm("maskgit"),
+    "diffusion300b": _loss_arm("megadlm"),
+})
 
 
 def get_config(arg: str = ""):

@@ -48,6 +48,7 @@ setup(
             "sdlm-scaling=sdlm_jax.cli.scaling:run",
             "sdlm-sweep=sdlm_jax.cli.sweep:run",
             "sdlm-plot=sdlm_jax.cli.plot:run",
+            "sdlm-upcycle=sdlm_jax.cli.upcycle:run",
             "sdlm-export=sdlm_jax.cli.export:run",
             "sdlm-prepare=sdlm_jax.cli.prepare:run",
         ]

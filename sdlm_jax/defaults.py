@@ -88,6 +88,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 200
   t.keep_checkpoints = 3
   t.eval_every = 0             # 0: evaluate only at the end
+  t.init_from = ""             # a new run starts from this export directory's weights (sdlm-export, sdlm-upcycle)
 
   o = t.optimizer = ml_collections.ConfigDict()
   o.lr = 2e-4

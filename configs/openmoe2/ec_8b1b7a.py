@@ -30,8 +30,14 @@ where it gives one:
             table; ours undoes the 1/sqrt(n) shrink of a sum of n roughly independent expert
             outputs whose gates add up to 1 (under token choice this is a constant sqrt(8))
   ar        the causal AR MoE of the same experts (token choice: EC is not causal)
+  upcycle   the expert shape that tiles dense_1b7's FFN for the scratch-vs-upcycled arm: no
+            shared expert, 64 experts x 768 = 8 copies of the 6144-wide FFN in 8 shards each
+            (top_k 8: the dense FFN's 6144 active units; 9.1B total, 1.74B active). Start it
+            from a dense_1b7 run:
+              sdlm-upcycle --from RUNS/dense_1b7 --config configs/openmoe2/ec_8b1b7a.py:upcycle --out RUNS/ec_up
+            then sdlm-train with --config.train.init_from=RUNS/ec_up/upcycled; train the same
+            variant without init_from for the from-scratch side
 plus the common options of sdlm_jax/recipes.py (bs<N>, lr<X>, wd0, ep<N>, smoke).
-Upcycling from the dense model is `sdlm-upcycle` on a dense_1b7 run, not a variant.
 
   sdlm-aot --config configs/openmoe2/ec_8b1b7a.py:tc --topology v5p-128
   sdlm-train --config configs/openmoe2/ec_8b1b7a.py:seq --workdir gs://BUCKET/runs/ec_seq ...
@@ -55,6 +61,11 @@ def _no_shared(c):
   c.model.moe.top_k += 1
 
 
+def _upcycle_shape(c):
+  c.model.moe.num_shared_experts = 0
+  c.model.moe.expert_mlp_dim = c.model.mlp_dim // 8
+
+
 def _dynamic_scaling(c):
   c.model.moe.dynamic_scaling_factors = tuple(float(n) ** 0.5 for n in range(c.model.moe.num_experts + 1))
 
@@ -69,6 +80,7 @@ VARIANTS = {
     "seq": lambda c: setattr(c.model.moe, "ec_group", "sequence"),
     "sigmoid": lambda c: setattr(c.model.moe, "router_activation", "sigmoid"),
     "dynscale": _dynamic_scaling,
+    "upcycle": _upcycle_shape,
 }
 
 

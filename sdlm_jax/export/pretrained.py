@@ -56,6 +56,21 @@ def _params_from_orbax(path, abstract_params):
     checkpointer.close()
 
 
+def load_params(path, params, model_cfg):
+  """The weights of export directory `path` laid out like `params` (an nnx.State of arrays:
+  their shapes, dtypes and shardings): orbax params if the export has them, else safetensors.
+  Raises ExportInputError naming a tensor the model needs that is missing or shaped otherwise."""
+  directory = epath.Path(path)
+  if (directory / directory_lib.PARAMS_DIR).exists():
+    restored = _params_from_orbax(storage.path(path) / directory_lib.PARAMS_DIR, jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params))
+    return jax.tree.map(lambda a, t: a.astype(t.dtype), restored, params)
+  if safetensors_io.exists(directory):
+    return _params_from_safetensors(directory, params, model_cfg)
+  raise ExportNotFoundError(f"{path}: neither {directory_lib.PARAMS_DIR}/ nor {safetensors_io.SINGLE_FILE} there; "
+                            "expected a directory written by sdlm-export or sdlm-upcycle")
+
+
 def load_config_and_tokenizer(path):
   """(config, tokenizer) of the export directory `path`, without its weights."""
   directory = epath.Path(path)

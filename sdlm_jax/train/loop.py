@@ -25,7 +25,7 @@ from sdlm_jax import workdir as workdir_lib
 from sdlm_jax.data import pipeline
 from sdlm_jax.parallel.mesh import make_mesh, num_slices_of
 from sdlm_jax.scaling.flops import flops_per_token
-from sdlm_jax.train import evaluate
+from sdlm_jax.train import evaluate, init_from
 from sdlm_jax.train import preemption
 from sdlm_jax.train import program as program_lib
 from sdlm_jax.train import resume_rules
@@ -124,6 +124,8 @@ def _train(cfg, workdir: str, *, progress: bool, allow_changed) -> dict:
   cfg = cfg.copy_and_resolve_references()
   cfg.data.data_dir = storage.location(cfg.data.data_dir)  # config.json must work from any directory
   cfg.data.paths = pipeline.absolute_paths(cfg.data)
+  if cfg.train.init_from:
+    cfg.train.init_from = storage.location(cfg.train.init_from)
   is_main = jax.process_index() == 0
   # Checks before anything is written: the stored config's rules, an empty validation split,
   # the size of one epoch, the tokenizer a resume would use.
@@ -132,6 +134,8 @@ def _train(cfg, workdir: str, *, progress: bool, allow_changed) -> dict:
   tokenizer, _ = pipeline.prepare(cfg.data, cfg.model.vocab_size)
   evaluate.validation_batches(cfg, tokenizer, cfg.train.batch_size, 1)
   epoch_tokens = pipeline.train_tokens(cfg.data, tokenizer, cfg.seed)
+  if not resuming and cfg.train.init_from:
+    init_from.check(cfg, tokenizer)
   if resuming:
     resume_rules.check_tokenizer(workdir, tokenizer)
   elif is_main:
@@ -152,6 +156,8 @@ def _train(cfg, workdir: str, *, progress: bool, allow_changed) -> dict:
         program.params, program.opt_state)
     pipeline.restore_iterator(train_iter, own_process_state(data_state))
     print(f"Resumed from step {start_step} (data position restored, seed {meta['seed']}).", flush=True)
+  elif cfg.train.init_from:
+    program.params = init_from.load(cfg, program.params)
   if history and is_main:
     workdir_lib.append_history(workdir, {**history, "step": start_step})
   if is_main:

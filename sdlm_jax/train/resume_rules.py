@@ -18,7 +18,7 @@ from sdlm_jax.errors import UserInputError
 
 # A field matches an entry equal to it, or an entry ending in "." that starts it.
 SAFE = ("train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-        "train.eval_every", "eval.", "sample.", "mesh.", "data.data_dir")
+        "train.eval_every", "train.init_from", "eval.", "sample.", "mesh.", "data.data_dir")
 NEEDS_ALLOW = ("train.optimizer.", "train.grad_accum_steps", "diffusion.")
 
 

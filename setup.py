@@ -25,6 +25,7 @@ setup(
         "clu==0.0.12",
         "tensorboardX>=2.6",
         "tqdm>=4.60",
+        "matplotlib>=3.7",  # sdlm-sweep, sdlm-plot and sdlm-scaling fit draw PNGs
         "numpy>=1.26",
         "jaxtyping>=0.3.11",
         "safetensors>=0.4.3",
@@ -32,12 +33,11 @@ setup(
         "etils[epath,epath-gcs]>=1.15",  # every path, local or gs:// (gcsfs); orbax uses epath too
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "beartype>=0.23", "matplotlib>=3.7",
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "beartype>=0.23",
                  "gcp-storage-emulator>=2024.8"],
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
         "gpu": [f"jax[cuda12]=={JAX_VERSION}"],
         "tfds": ["tensorflow-datasets>=4.9"],
-        "scaling": ["matplotlib>=3.7"],
     },
     entry_points={
         "console_scripts": [
@@ -46,6 +46,8 @@ setup(
             "sdlm-eval=sdlm_jax.cli.evaluate:run",
             "sdlm-aot=sdlm_jax.cli.aot:run",
             "sdlm-scaling=sdlm_jax.cli.scaling:run",
+            "sdlm-sweep=sdlm_jax.cli.sweep:run",
+            "sdlm-plot=sdlm_jax.cli.plot:run",
             "sdlm-export=sdlm_jax.cli.export:run",
             "sdlm-prepare=sdlm_jax.cli.prepare:run",
         ]

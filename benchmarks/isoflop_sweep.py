@@ -6,9 +6,8 @@
 1. `sdlm-scaling isoflop` plans the sweep from configs/demo.py (sdlm_jax/scaling/plan.py: layers =
    heads, d_model = layers x 64, FFN ratios of the demo; steps from the exact FLOPs count) and
    writes one config per (budget, size) and sweep.json into OUT/configs.
-2. Each config is trained by the training entry point, `python -m sdlm_jax.cli.train --config
-   FILE --workdir OUT/runs/NAME` (an interrupted sweep resumes: finished runs are kept, a run
-   with checkpoints resumes from them).
+2. `sdlm-sweep` trains every config in OUT/runs/NAME (an interrupted sweep resumes: finished
+   runs are kept, a run with checkpoints resumes from them) and writes its summary and plots.
 3. OUT/runs.csv gets one row per run: params (active), tokens, loss (the validation ELBO bound
    in nats/token from eval.json), budget; then `sdlm-scaling fit` fits the parametric law and the
    IsoFLOP power laws and writes OUT/isoflop.png and OUT/frontier.png.
@@ -26,25 +25,16 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from sdlm_jax.cli import scaling as scaling_cli  # noqa: E402
+from sdlm_jax.cli import sweep as sweep_cli  # noqa: E402
 from sdlm_jax.scaling import plan  # noqa: E402
 
 SMOKE = {"base": "configs/demo.py:ec,smoke", "budgets": "1e11,3e11", "sizes": 3, "bootstrap": 20}
-
-
-def _train(config_path, workdir, overrides):
-  if os.path.exists(os.path.join(workdir, "eval.json")):
-    return
-  cmd = [sys.executable, "-m", "sdlm_jax.cli.train", "--config", config_path, "--workdir", workdir, *overrides]
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
-  if proc.returncode:
-    sys.exit(f"training {config_path} failed:\n{proc.stderr[-3000:]}")
 
 
 def _train_tokens(config_path):
@@ -76,16 +66,17 @@ def main():
                     "--out", config_dir])
   with open(os.path.join(config_dir, plan.MANIFEST)) as f:
     points = json.load(f)["points"]
-  overrides = ["--config.data.source=text_files", f"--config.data.paths={args.data_paths}"] if args.data_paths else []
-
+  sets = ["data.source=text_files", f"data.paths={args.data_paths}"] if args.data_paths else []
+  sweep_args = ["--workdir", os.path.join(out, "runs")]
+  for p in points:
+    sweep_args += ["--config", os.path.join(config_dir, p["config"])]
+  for value in sets:
+    sweep_args += ["--set", value]
+  if sweep_cli.main(sweep_args):
+    sys.exit("a sweep run failed: run the same command again to retry it")
   rows = []
-  for i, p in enumerate(points):
-    print(f"[{i + 1}/{len(points)}] training {p['name']} ({p['steps']} steps)", flush=True)
-    workdir = os.path.join(out, "runs", p["name"])
-    config_path = os.path.join(config_dir, p["config"])
-    extra = overrides + ([f"--config.train.checkpoint_every={p['steps']}"] if args.smoke else [])
-    _train(config_path, workdir, extra)
-    with open(os.path.join(workdir, "eval.json")) as f:
+  for p in points:
+    with open(os.path.join(out, "runs", p["name"], "eval.json")) as f:
       rows.append({**p, "loss": json.load(f)["val/nll_per_token"]})
 
   corpus = None if args.data_paths else _train_tokens(os.path.join(config_dir, points[0]["config"]))

@@ -15,6 +15,7 @@ from pallas_kernels import BACKENDS
 from sdlm_jax import storage
 from sdlm_jax.data.corpus import DATA_SOURCES
 from sdlm_jax.diffusion.objectives import LOSS_NAMES as DIFFUSION_LOSSES
+from sdlm_jax.diffusion.objectives import KERNELS, T_SAMPLINGS
 from sdlm_jax.diffusion.sampler import REMASKING, check_settings
 from sdlm_jax.diffusion.schedules import SCHEDULE_NAMES as SCHEDULES
 from sdlm_jax.errors import UserInputError, check_choice, check_number
@@ -73,15 +74,21 @@ def _check_model(m, seq_len, platform):
   if m.attention == "cudnn" and m.dtype not in ("bfloat16", "float16"):
     raise ConfigError(f"model.attention='cudnn' needs model.dtype bfloat16 or float16 (cuDNN's fused attention "
                       f"takes no {m.dtype}); allowed values: auto (picks XLA for {m.dtype}), xla")
+  if m.attention == "splash" and platform != "tpu":
+    raise ConfigError(f"model.attention='splash' is a TPU kernel (this run compiles for {platform}); allowed "
+                      "values here: auto, xla, splash_interpret (the kernel in Pallas TPU interpret mode, slow)")
   _one_of("model.remat", m.remat, REMAT_POLICIES)
-  _check_moe(m.moe, m.num_layers, seq_len)
+  _check_moe(m.moe, m.num_layers, seq_len, m.causal)
 
 
-def _check_moe(moe, num_layers, seq_len):
+def _check_moe(moe, num_layers, seq_len, causal):
   _number("model.moe.num_experts", moe.num_experts, lo=0, integer=True, note="(0: dense)")
   if moe.num_experts == 0:
     return
   _one_of("model.moe.router", moe.router, ROUTERS)
+  if causal and moe.router == "expert_choice":
+    raise ConfigError("model.moe.router='expert_choice' with model.causal=True leaks future tokens (each expert "
+                      "ranks the tokens of a whole routing group, later ones included); allowed values: token_choice")
   _one_of("model.moe.ec_group", moe.ec_group, EC_GROUPS)
   _one_of("model.moe.router_activation", moe.router_activation, ROUTER_ACTIVATIONS)
   _one_of("model.moe.backend", moe.backend, BACKENDS)
@@ -99,6 +106,11 @@ def _check_moe(moe, num_layers, seq_len):
   _number("model.moe.num_shared_experts", moe.num_shared_experts, lo=0, integer=True)
   _number("model.moe.routed_scaling_factor", moe.routed_scaling_factor, lo=0, lo_open=True)
   _number("model.moe.load_balance_weight", moe.load_balance_weight, lo=0)
+  _check_scaling_factors(moe.dynamic_scaling_factors, moe.num_experts)
+  _number("model.moe.bias_update_rate", moe.bias_update_rate, lo=0, note="(0: off)")
+  if moe.bias_update_rate > 0 and moe.router != "token_choice":
+    raise ConfigError(f"model.moe.bias_update_rate={moe.bias_update_rate} balances token-choice routing (expert "
+                      "choice is balanced by construction); allowed values with expert_choice: 0")
   _number("model.moe.z_loss_weight", moe.z_loss_weight, lo=0)
   if moe.router == "expert_choice" and moe.ec_group == "sequence":
     capacity = seq_len * moe.top_k // moe.num_experts
@@ -109,6 +121,16 @@ def _check_moe(moe, num_layers, seq_len):
           "model.moe.num_experts")
 
 
+def _check_scaling_factors(factors, num_experts):
+  name = "model.moe.dynamic_scaling_factors"
+  if not isinstance(factors, (tuple, list)) or len(factors) not in (0, num_experts + 1):
+    raise ConfigError(f"{name}={factors!r}; allowed values: () (off) or num_experts+1={num_experts + 1} numbers, "
+                      "entry n scaling the gates of a token that n experts route")
+  for n, f in enumerate(factors):
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f < 0:
+      raise ConfigError(f"{name}[{n}]={f!r}; allowed values: finite numbers >= 0")
+
+
 def _check_diffusion(d, causal):
   _one_of("diffusion.loss", d.loss, DIFFUSION_LOSSES)
   _one_of("diffusion.schedule", d.schedule, SCHEDULES)
@@ -116,9 +138,35 @@ def _check_diffusion(d, causal):
     raise ConfigError("diffusion.loss='ar' needs model.causal=True (the AR baseline is causal)")
   if d.loss != "ar" and causal:
     raise ConfigError(f"diffusion.loss={d.loss!r} needs model.causal=False (diffusion is bidirectional)")
+  if d.loss == "ar" and d.schedule != "linear":
+    raise ConfigError(f"diffusion.schedule={d.schedule!r} has no meaning for diffusion.loss='ar' (nothing is "
+                      "masked); allowed values: linear (the default, ignored)")
   _number("diffusion.t_min", d.t_min, lo=0, hi=1, lo_open=True, hi_open=True)
+  _one_of("diffusion.t_sampling", d.t_sampling, T_SAMPLINGS)
+  if d.loss == "ar" and d.t_sampling != "uniform":
+    raise ConfigError(f"diffusion.t_sampling={d.t_sampling!r} has no meaning for diffusion.loss='ar' (there is no "
+                      "t); allowed values: uniform (the default, ignored)")
+  _number("diffusion.moving_gaussian_std", d.moving_gaussian_std, lo=0.05, hi=10,
+          note="(the window's width in t; below 0.05 its truncation is numerically unsafe)")
   _number("diffusion.random_length_prob", d.random_length_prob, lo=0, hi=1)
   _positive("diffusion.num_t_buckets", d.num_t_buckets)
+
+
+def _check_kernel(d, m, s):
+  _one_of("diffusion.kernel", d.kernel, KERNELS)
+  if d.kernel == "uniform":
+    if d.loss != "mdlm_elbo":
+      raise ConfigError(f"diffusion.loss={d.loss!r} is a masked-kernel loss; with diffusion.kernel='uniform' allowed "
+                        "values: mdlm_elbo (the continuous-time ELBO, here of the uniform kernel)")
+    if not m.time_embedding:
+      raise ConfigError("diffusion.kernel='uniform' needs model.time_embedding=True (a uniformly corrupted input does "
+                        "not show how noisy it is)")
+    if s.block_size or s.cfg_scale:
+      raise ConfigError(f"sample.block_size={s.block_size} / sample.cfg_scale={s.cfg_scale}: the uniform kernel's "
+                        "sampler decodes one block without guidance; allowed values: 0 for both")
+  elif m.time_embedding:
+    raise ConfigError(f"model.time_embedding=True is for diffusion.kernel='uniform' (diffusion.kernel="
+                      f"{d.kernel!r} gives the model no t); allowed values: False")
 
 
 def _check_data(data):
@@ -229,6 +277,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1, process_count
   _number("seed", cfg.seed, integer=True)
   _check_model(cfg.model, cfg.data.seq_len, platform or jax.default_backend())
   _check_diffusion(cfg.diffusion, cfg.model.causal)
+  _check_kernel(cfg.diffusion, cfg.model, cfg.sample)
   _check_data(cfg.data)
   try:
     _check_train(cfg, num_devices, process_count, num_slices)

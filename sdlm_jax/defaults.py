@@ -24,6 +24,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.head_dim = 64
   m.mlp_dim = 1024             # hidden width of dense SwiGLU FFNs
   m.causal = False             # False: bidirectional (diffusion); True: AR baseline
+  m.time_embedding = False     # True: the model takes the diffusion time t (needed by diffusion.kernel=uniform)
   m.qk_norm = True
   m.tie_embeddings = False
   m.rope_theta = 10_000.0
@@ -31,9 +32,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02
   m.dtype = "bfloat16"         # compute dtype; params are kept in param_dtype
   m.param_dtype = "float32"
-  m.attention = "auto"         # auto | xla | cudnn | splash
+  m.attention = "auto"         # auto (TPU: splash, GPU: cudnn for bf16/f16, else xla) | xla | cudnn | splash | splash_interpret
   m.scan_layers = True         # stack each run of identical layers under one nnx.scan (compile time flat in depth)
-  m.remat = "full"             # what a block keeps for backward: none | full | save_dots | save_dots_no_batch | offload
+  m.remat = "full"             # what a block keeps for backward (sdlm_jax/model/transformer.py REMAT_POLICIES):
+                               # none | full | minimal | minimal_with_context | save_dot_except_mlp | save_qkv_proj
+                               # | save_dots | save_dots_no_batch | offload
 
   moe = m.moe = ml_collections.ConfigDict()
   moe.num_experts = 0          # 0: every layer uses a dense FFN
@@ -47,13 +50,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   moe.load_balance_weight = 0.0  # TC: Switch aux loss; EC: token-wise balance loss
   moe.z_loss_weight = 0.0      # router z-loss (both routers)
   moe.routed_scaling_factor = 1.0
+  moe.dynamic_scaling_factors = ()  # () off; E+1 numbers: gates of a token with n experts x entry n (TC: entry k)
+  moe.bias_update_rate = 0.0   # TC aux-loss-free balancing: >0 adds a selection-only expert bias moved this much per step
   moe.backend = "auto"         # grouped-matmul (token-choice) backend: auto | pallas | xla | interpret
 
   # ---------------------------------------------------------------- diffusion objective
   d = c.diffusion = ml_collections.ConfigDict()
-  d.loss = "megadlm"           # megadlm | mdlm_elbo | ar (ar requires model.causal=True)
-  d.schedule = "linear"        # masking schedule alpha(t)
+  d.loss = "megadlm"           # megadlm | maskgit | mdlm_elbo | ar (ar requires model.causal=True)
+  d.kernel = "masked"          # masked ([MASK] absorbing state) | uniform (random tokens; loss=mdlm_elbo, model.time_embedding)
+  d.schedule = "linear"        # masking schedule alpha(t): linear | poly2 | cosine (every diffusion loss)
   d.t_min = 1e-3               # smallest t the MDLM ELBO samples
+  d.t_sampling = "uniform"     # uniform | moving_gaussian (t window centred at step/num_steps, clean to noisy)
+  d.moving_gaussian_std = 0.25  # width of the moving-Gaussian t window (before truncation to [0, 1])
   d.random_length_prob = 0.01  # MegaDLMs: chance a batch is cut to a random length
   d.num_t_buckets = 4          # loss is also reported per t-bucket
 

@@ -9,9 +9,14 @@ scanned layers with full remat, pure FSDP inside a slice and data parallelism ac
 Data: the embedded corpus is only a placeholder here; a real run points the config at its
 own corpus, e.g. --config.data.source=array_record --config.data.paths='/data/web/*.arrayrecord'.
 
-The argument `smoke` shrinks any of these configs to a CPU run of a few seconds that
-exercises the same code path (same routers, same loss, scanned and rematerialised layers).
+Every seed config file takes an argument of comma-separated options (`finish`): its own named
+variants (the ablation arms) and the common ones: `ar` (the causal next-token baseline of the
+same model), `bs<N>` (global batch N at the same token budget), `lr<X>`, `wd0` (weight decay
+off), `ep<N>` (the same tokens as N epochs of a prepared corpus's unique-token subset), and `smoke`, which shrinks any of them to a CPU run of a few seconds that exercises the
+same code path (same routers, same loss, scanned and rematerialised layers).
 """
+
+import re
 
 from sdlm_jax.defaults import get_base_config
 
@@ -63,6 +68,29 @@ def dense_1b7():
   return c
 
 
+def gpt2_1b():
+  """Quokka's 1B "gpt2" DLM: 26 layers, d 1792, 14 heads x 128, SwiGLU 4736, vocab 50269, tied
+  embeddings; the seeds' shared training setup otherwise (dense_1b7's), 96B tokens in one epoch."""
+  c = dense_1b7()
+  m = c.model
+  m.vocab_size = 50269
+  m.num_layers = 26
+  m.d_model = 1792
+  m.num_heads = 14
+  m.num_kv_heads = 14
+  m.head_dim = 128
+  m.mlp_dim = 4736
+  m.tie_embeddings = True
+  set_tokens(c, 96_000_000_000)
+  return c
+
+
+def set_tokens(c, tokens: int):
+  """Trains on `tokens` tokens at the config's batch and sequence length."""
+  c.train.num_steps = max(1, tokens // (c.train.batch_size * c.data.seq_len))
+  return c
+
+
 def shrink(c):
   """A few CPU seconds of the same code path: tiny widths, few layers and steps."""
   m = c.model
@@ -90,12 +118,76 @@ def shrink(c):
   c.eval.num_t_samples = 1
   c.mesh.fsdp = 1
   c.mesh.data = -1
+  if c.data.unique_tokens:
+    c.data.unique_tokens = 2_000  # a few documents of the prepared corpus, repeated
   return c
 
 
-def finish(c, arg: str):
+def make_ar(c):
+  """The AR baseline of a config: causal attention, next-token loss (expert choice routes over the
+  whole sequence, which would let a token see later ones, so an MoE AR model uses token choice)."""
+  c.model.causal = True
+  c.diffusion.loss = "ar"
+  if c.model.moe.num_experts and c.model.moe.router == "expert_choice":
+    to_token_choice(c)
+  return c
+
+
+def to_token_choice(c, load_balance_weight: float = 0.01):
+  """Token choice top-k over the same experts (same active FLOPs), with Switch's balance loss."""
+  c.model.moe.router = "token_choice"
+  c.model.moe.load_balance_weight = load_balance_weight
+  return c
+
+
+def set_global_batch(c, batch: int):
+  """`batch` sequences per step, the step count scaled to keep the token budget."""
+  tokens = c.train.num_steps * c.train.batch_size
+  c.train.batch_size = batch
+  c.train.num_steps = max(1, tokens // batch)
+  return c
+
+
+# Options every seed config takes in its argument (comma-separated with its own variants):
+# `ar`, `bs<N>` (global batch, same tokens), `lr<X>`, `wd0` (no weight decay), `ep<N>` (the same
+# tokens as N epochs of a unique-token subset), `smoke`.
+COMMON_OPTIONS = ("ar", "bs<N>", "lr<X>", "wd0", "ep<N>", "smoke")
+
+
+def repeat_data(c, epochs: int):
+  """The same training tokens drawn from 1/epochs as many unique tokens, repeated `epochs` times:
+  the data-constrained runs. Needs a prepared corpus (`--config.data.paths=DIR` of sdlm-prepare)."""
+  c.data.source = "prepared"
+  c.data.unique_tokens = max(1, c.train.num_steps * c.train.batch_size * c.data.seq_len // epochs)
+  return c
+
+
+def _common_option(c, word: str) -> bool:
+  """Applies one common option to `c`; False if `word` is not one."""
+  if word == "ar":
+    make_ar(c)
+  elif word == "wd0":
+    c.train.optimizer.weight_decay = 0.0
+  elif re.fullmatch(r"bs[1-9][0-9]*", word):
+    set_global_batch(c, int(word[2:]))
+  elif re.fullmatch(r"lr[0-9.]+(e-?[0-9]+)?", word):
+    c.train.optimizer.lr = float(word[2:])
+  elif re.fullmatch(r"ep[1-9][0-9]*", word):
+    repeat_data(c, int(word[2:]))
+  elif word != "smoke":
+    return False
+  return True
+
+
+def finish(c, arg: str, variants: dict | None = None):
+  """Applies the config file's argument: its own named `variants` (name -> function(c)) and
+  the common options, in the order given; `smoke` (anywhere) shrinks the result last."""
+  variants = variants or {}
   options = [a for a in (arg or "").split(",") if a]
-  unknown = set(options) - {"smoke"}
-  if unknown:
-    raise ValueError(f"unknown config argument(s) {sorted(unknown)}; allowed: smoke")
+  for word in options:
+    if word in variants:
+      variants[word](c)
+    elif not _common_option(c, word):
+      allowed = ", ".join(list(variants) + list(COMMON_OPTIONS))
+      raise ValueError(f"unknown config argument {word!r}; allowed: {allowed}")
   return shrink(c) if "smoke" in options else c

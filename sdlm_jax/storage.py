@@ -106,6 +106,31 @@ def write_text(target, text: str) -> None:
   write_bytes(target, text.encode("utf-8"))
 
 
+def append_bytes(target, data: bytes) -> None:
+  """Adds `data` at the end of the file `target`, creating it if missing. Locally an ordinary
+  append. A gs:// object cannot be appended to: `data` is uploaded as an object of its own and
+  composed onto the end of `target` (Cloud Storage's server-side concatenation), so an append
+  costs the upload of `data` only, whatever the size of `target`. One writer per target."""
+  target = path(target)
+  if not is_remote(target):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(os.fspath(target), "ab") as f:
+      f.write(data)
+    return
+  import fsspec  # pylint: disable=import-outside-toplevel
+  fs, key = fsspec.core.url_to_fs(os.fspath(target))
+  fs.invalidate_cache(key)  # ask the bucket, not a listing cached before the object was written
+  if not fs.exists(key):
+    fs.pipe_file(key, data)
+    return
+  tail = f"{key}.append"  # overwritten by the next append if a killed one left it behind
+  fs.pipe_file(tail, data)
+  try:
+    fs.merge(key, [key, tail])
+  finally:
+    fs.rm_file(tail)
+
+
 def copy_file(source, target) -> None:
   """Copies one file between any two locations (local or gs://), streamed, written whole."""
   source, target = path(source), path(target)

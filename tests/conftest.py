@@ -7,9 +7,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # benchmark or a second test process compile at the same time.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-import shutil
+import importlib.util
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -20,14 +21,15 @@ def gcs_emulator(monkeypatch):
   """A real local Cloud Storage server (gcp-storage-emulator) on 127.0.0.1 with a bucket
   `sdlmtest`; every storage client (gcsfs, tensorstore, array_record) is pointed at it."""
   from sdlm_jax import storage  # pylint: disable=import-outside-toplevel
-  exe = shutil.which("gcp-storage-emulator")
-  if exe is None:
+  if importlib.util.find_spec("gcp_storage_emulator") is None:
     pytest.skip("gcp-storage-emulator is not installed (pip install -e '.[test]')")
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  server = subprocess.Popen([exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
-                             "--default-bucket", "sdlmtest"], stdout=subprocess.DEVNULL,
+  # The emulator with the download headers Cloud Storage sends (see tests/gcs_emulator.py).
+  launcher = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator.py")
+  server = subprocess.Popen([sys.executable, launcher, "start", "--host", "127.0.0.1", "--port", str(port),
+                             "--in-memory", "--default-bucket", "sdlmtest"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 30

@@ -79,6 +79,51 @@ def test_ar_loss_needs_causal_model():
   assert "model.causal=True" in _bad(lambda c: setattr(c.diffusion, "loss", "ar"))
 
 
+def test_ar_loss_rejects_a_masking_schedule():
+  def mutate(c):
+    c.model.causal, c.diffusion.loss, c.diffusion.schedule = True, "ar", "cosine"
+    c.model.moe.router = "token_choice"
+  assert "diffusion.schedule='cosine' has no meaning for diffusion.loss='ar'" in _bad(mutate)
+
+
+def test_causal_expert_choice_is_an_error_and_causal_token_choice_is_not():
+  def ar_moe(router):
+    def mutate(c):
+      c.model.causal, c.diffusion.loss = True, "ar"
+      c.model.moe.num_experts, c.model.moe.router = 4, router
+    return mutate
+  msg = _bad(ar_moe("expert_choice"))
+  assert "model.moe.router='expert_choice' with model.causal=True leaks future tokens" in msg
+  assert "allowed values: token_choice" in msg
+  cfg = demo.get_config("ec")
+  ar_moe("token_choice")(cfg)
+  validate(cfg)
+
+
+def test_bias_update_rate_is_for_token_choice_and_not_negative():
+  msg = _bad(lambda c: setattr(c.model.moe, "bias_update_rate", 1e-3))  # demo ec is expert choice
+  assert "model.moe.bias_update_rate=0.001 balances token-choice routing" in msg
+  assert "model.moe.bias_update_rate=-1" in _bad(lambda c: setattr(c.model.moe, "bias_update_rate", -1.0))
+
+
+def test_dynamic_scaling_factors_need_num_experts_plus_one_finite_numbers():
+  assert "num_experts+1=9 numbers" in _bad(lambda c: setattr(c.model.moe, "dynamic_scaling_factors", (1.0, 2.0)))
+  msg = _bad(lambda c: setattr(c.model.moe, "dynamic_scaling_factors", (1.0,) * 8 + (math.inf,)))
+  assert "model.moe.dynamic_scaling_factors[8]=inf" in msg
+  cfg = demo.get_config("ec")
+  cfg.model.moe.dynamic_scaling_factors = (0, 1, 1.2, 1.4, 1.6, 1.8, 2, 2, 2)
+  validate(cfg)
+
+
+def test_t_sampling_names_and_width():
+  assert "diffusion.t_sampling='normal'" in _bad(lambda c: setattr(c.diffusion, "t_sampling", "normal"))
+  assert "diffusion.moving_gaussian_std=0.01" in _bad(lambda c: setattr(c.diffusion, "moving_gaussian_std", 0.01))
+  def ar(c):
+    c.model.causal, c.diffusion.loss, c.diffusion.t_sampling = True, "ar", "moving_gaussian"
+    c.model.moe.router = "token_choice"
+  assert "diffusion.t_sampling='moving_gaussian' has no meaning for diffusion.loss='ar'" in _bad(ar)
+
+
 def test_gqa_heads_must_divide():
   assert "num_kv_heads" in _bad(lambda c: setattr(c.model, "num_kv_heads", 3))
 

@@ -85,6 +85,40 @@ def test_megadlm_loss_matches_numpy_given_the_same_noise():
   assert {"aux_loss", "router"} <= set(metrics["aux"])
 
 
+def test_maskgit_loss_is_the_plain_mean_ce_over_every_masked_token():
+  batch, cfg, rng = _batch(b=6), _cfg("maskgit", schedule="cosine"), jax.random.key(11)
+  loss, metrics = _loss(batch, rng, cfg)
+  t, masked, valid = _noise_fn(batch["segment_ids"], cfg)(rng)
+  tokens = np.asarray(batch["tokens"])
+  noisy = np.where(masked, MASK, tokens)
+  np.testing.assert_array_equal(metrics["aux"]["seen_tokens"], noisy)
+  ce = _np_ce(noisy, batch["positions"], tokens)
+  terms = [ce[r, i] for r in range(6) for i in range(12) if masked[r, i]]  # a per-token loop
+  assert masked.sum() > 6 and masked.sum(1).min() >= 1
+  assert float(loss) == pytest.approx(np.mean(terms), rel=1e-5)
+  # the same noise as megadlm: only the weights differ
+  np.testing.assert_array_equal(masked, _noise_fn(batch["segment_ids"], _cfg("megadlm", schedule="cosine"))(rng)[1])
+
+
+def test_maskgit_hand_case():
+  ce = jnp.array([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 0.0, 0.0]])
+  masked = jnp.array([[True, False, True, False], [False, True, False, False]])
+  valid = jnp.array([[True] * 4, [True, True, False, False]])
+  loss, _ = losses.weighted_masked_ce(ce, masked, losses.maskgit_row_weights(masked, valid), valid)
+  assert float(loss) == pytest.approx((1.0 + 3.0 + 6.0) / 3)  # megadlm would give (2 + 6) / 2
+  none = jnp.zeros_like(masked)
+  assert float(losses.weighted_masked_ce(ce, none, losses.maskgit_row_weights(none, valid), valid)[0]) == 0.0
+
+
+@pytest.mark.parametrize("loss", ["megadlm", "maskgit"])
+def test_schedule_sets_the_masking_rate_of_megadlm_and_maskgit(loss):
+  seg = jnp.ones((16, 1024), jnp.int32)
+  for schedule, rate in (("linear", lambda t: t), ("poly2", lambda t: t ** 2),
+                         ("cosine", lambda t: np.cos(np.pi / 2 * (1 - t)))):
+    t, masked, _ = _noise_fn(seg, _cfg(loss, schedule=schedule))(jax.random.key(12))
+    np.testing.assert_allclose(masked.mean(1), np.maximum(rate(t), 1 / 1024), atol=0.06)
+
+
 def test_megadlm_masks_each_row_with_probability_t():
   seg = jnp.ones((8, 512), jnp.int32)
   t, masked, _ = _noise_fn(seg, _cfg("megadlm"))(jax.random.key(1))
@@ -175,6 +209,43 @@ def test_antithetic_t_covers_every_stratum_once():
   assert sorted(np.floor(t * 8).astype(int).tolist()) == list(range(8))
 
 
+@pytest.mark.parametrize("progress,std,t_min", [(0.0, 0.25, 0.0), (0.3, 0.25, 1e-3), (1.0, 0.1, 1e-3), (0.7, 2.0, 0.0)])
+def test_moving_gaussian_t_is_the_truncated_normal_inverse_cdf(progress, std, t_min):
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  u = np.linspace(0.0, 0.999, 37)
+  got = np.asarray(corruption.moving_gaussian_t(jnp.asarray(u, jnp.float32), progress, std, t_min), np.float64)
+  a, b = (t_min - progress) / std, (1.0 - progress) / std
+  want = stats.truncnorm.ppf(u, a, b, loc=progress, scale=std)  # float64, computed another way
+  np.testing.assert_allclose(got, np.clip(want, t_min, 1.0), atol=2e-4)
+  assert got.min() >= t_min and got.max() <= 1.0 and (np.diff(got) >= 0).all()
+
+
+def test_moving_gaussian_window_moves_from_clean_to_noisy_over_training():
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  seg = jnp.ones((256, 4), jnp.int32)
+  for loss in ("megadlm", "mdlm_elbo"):
+    cfg = _cfg(loss, t_sampling="moving_gaussian", moving_gaussian_std=0.25)
+    fn = jax.jit(lambda r, p, cfg=cfg: objectives.sample_noise(r, seg, cfg, p).t_B)
+    means = []
+    for progress in (0.0, 0.5, 1.0):
+      t = np.asarray(fn(jax.random.key(13), progress), np.float64)
+      lo = cfg.t_min if loss == "mdlm_elbo" else 0.0
+      want = stats.truncnorm.mean((lo - progress) / 0.25, (1 - progress) / 0.25, loc=progress, scale=0.25)
+      assert t.mean() == pytest.approx(want, abs=0.02)
+      means.append(t.mean())
+    assert means[0] < 0.25 < means[1] < 0.75 < means[2]
+  assert _cfg("megadlm").get("t_sampling", "uniform") == "uniform"
+
+
+def test_progress_reaches_the_loss_through_the_train_step_argument():
+  batch = _batch(b=8)
+  cfg = _cfg("mdlm_elbo", t_sampling="moving_gaussian", moving_gaussian_std=0.1)
+  fn = jax.jit(lambda r, p: objectives.compute_loss(_toy_apply, batch, r, cfg, mask_id=MASK, progress=p)[1])
+  early, late = fn(jax.random.key(0), 0.0), fn(jax.random.key(0), 1.0)
+  assert float(early["masked_frac"]) < 0.3 < 0.7 < float(late["masked_frac"])
+  assert float(early["t_bucket_count"][0]) == 8 and float(late["t_bucket_count"][-1]) == 8
+
+
 def test_compute_loss_is_jittable_and_deterministic_given_rng():
   batch, cfg = _batch(), _cfg("megadlm", random_length_prob=0.5)
   fn = jax.jit(lambda rng: objectives.compute_loss(_toy_apply, batch, rng, cfg, mask_id=MASK)[0])
@@ -221,7 +292,7 @@ def test_schedule_weight_is_minus_alpha_prime_over_mask_prob(name):
 def test_unknown_names_are_clear_errors():
   with pytest.raises(ValueError, match=r"diffusion\.schedule='sqrt'.*linear, poly2, cosine"):
     get_schedule("sqrt")
-  with pytest.raises(ValueError, match=r"diffusion\.loss='bert'.*megadlm, mdlm_elbo, ar"):
+  with pytest.raises(ValueError, match=r"diffusion\.loss='bert'.*megadlm, maskgit, mdlm_elbo, ar"):
     objectives.compute_loss(_toy_apply, _batch(), jax.random.key(0), _cfg("bert"), mask_id=MASK)
-  assert objectives.LOSS_NAMES == ("megadlm", "mdlm_elbo", "ar")
+  assert objectives.LOSS_NAMES == ("megadlm", "maskgit", "mdlm_elbo", "ar")
   assert SCHEDULE_NAMES == ("linear", "poly2", "cosine")

@@ -81,9 +81,9 @@ def test_grouped_query_attention_equals_mha_with_repeated_kv():
   np.testing.assert_allclose(_attend(gqa, x, seg, pos), _attend(mha, x, seg, pos), rtol=1e-5, atol=1e-6)
 
 
-def test_splash_attention_is_refused_by_name():
+def test_splash_attention_is_refused_off_tpu():
   attn = Attention(_model_cfg(attention="splash"), rngs=nnx.Rngs(0))
-  with pytest.raises(NotImplementedError, match="model.attention='splash'"):
+  with pytest.raises(NotImplementedError, match="model.attention='splash' is a TPU kernel"):
     attn(_x(0, (1, 4, attn.wq.shape[0])), None, jnp.arange(4)[None])
 
 
@@ -217,7 +217,8 @@ def test_scanned_layers_equal_unrolled_layers(variant):
   np.testing.assert_allclose(float(aux_b["aux_loss"]), float(aux_a["aux_loss"]), rtol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["full", "save_dots", "save_dots_no_batch"])
+@pytest.mark.parametrize("remat", ["full", "minimal", "minimal_with_context", "save_dot_except_mlp", "save_dots",
+                                   "save_dots_no_batch"])
 def test_remat_policies_change_memory_not_gradients(remat):
   cfg = _model_cfg("ec,smoke", remat="none")
   state = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)))
@@ -239,12 +240,17 @@ def test_remat_policies_change_memory_not_gradients(remat):
 
 @pytest.mark.parametrize("platform, dtype, expected", [
     ("gpu", jnp.bfloat16, "cudnn"), ("gpu", jnp.float16, "cudnn"), ("gpu", jnp.float32, "xla"),
-    ("tpu", jnp.bfloat16, "xla"), ("cpu", jnp.bfloat16, "xla")])
+    ("tpu", jnp.bfloat16, "splash"), ("tpu", jnp.float32, "splash"), ("cpu", jnp.bfloat16, "xla")])
 def test_auto_attention_follows_the_compile_target_and_the_compute_dtype(platform, dtype, expected):
   """`auto` is chosen for the platform being compiled for (an AOT compile for TPU from a CPU
-  host chooses as a TPU would), and never cuDNN for a float32 model, which cuDNN rejects."""
+  host chooses as a TPU would: splash), and never cuDNN for a float32 model, which cuDNN rejects.
+  `splash` exists only on TPU; its interpret mode runs anywhere."""
   with target.compile_for(platform):
     assert resolve_implementation("auto", dtype) == expected
     assert resolve_implementation("xla", dtype) == "xla"
-    with pytest.raises(NotImplementedError, match="splash"):
-      resolve_implementation("splash", dtype)
+    assert resolve_implementation("splash_interpret", dtype) == "splash_interpret"
+    if platform == "tpu":
+      assert resolve_implementation("splash", dtype) == "splash"
+    else:
+      with pytest.raises(NotImplementedError, match="splash"):
+        resolve_implementation("splash", dtype)

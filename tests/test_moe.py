@@ -51,14 +51,18 @@ def _reference(layer, cfg, x_BxLxD, mask_BxL):
                                     mask_BxL.reshape(groups, -1), moe.top_k, moe.router_activation)
     picked, gates = picked.reshape(b * l, -1), gates.reshape(b * l, -1)
     for i in range(b * l):
+      n = picked[i].sum()
+      factor = moe.dynamic_scaling_factors[n] if moe.dynamic_scaling_factors else 1.0
       for e in np.nonzero(picked[i])[0]:
-        routed[i] += gates[i, e] * _swiglu(flat_x[i], wg[e], wu[e], wd[e])
+        routed[i] += factor * gates[i, e] * _swiglu(flat_x[i], wg[e], wu[e], wd[e])
   else:
+    bias = 0.0 if layer.selection_bias is None else f64(layer.selection_bias)
     for i in np.nonzero(flat_mask)[0]:
       p = _scores(logits[i], moe.router_activation)
-      top = np.argsort(-p, kind="stable")[:moe.top_k]
+      top = np.argsort(-(p + bias), kind="stable")[:moe.top_k]
+      factor = moe.dynamic_scaling_factors[moe.top_k] if moe.dynamic_scaling_factors else 1.0
       for e, w in zip(top, p[top] / p[top].sum()):
-        routed[i] += w * _swiglu(flat_x[i], wg[e], wu[e], wd[e])
+        routed[i] += factor * w * _swiglu(flat_x[i], wg[e], wu[e], wd[e])
   y = routed * moe.routed_scaling_factor
   f = moe.expert_mlp_dim
   for s in range(moe.num_shared_experts):
@@ -89,6 +93,38 @@ def test_moe_layer_matches_naive_loop(router, group, activation, shared):
   assert float(jnp.sum(stats["expert_load"])) == pytest.approx(1.0)
   if router == "token_choice":
     assert float(stats["experts_per_token_min"]) == float(stats["experts_per_token_max"]) == cfg.moe.top_k
+
+
+@pytest.mark.parametrize("router,group", [("expert_choice", "sequence"), ("expert_choice", "batch"),
+                                          ("token_choice", "sequence")])
+def test_dynamic_scaling_factors_match_naive_loop(router, group):
+  cfg = _cfg(router, group)
+  cfg.moe.dynamic_scaling_factors = (7.0, 0.5, 2.0, 3.0, 0.25)  # E = 4; entry 0 never applies (no output)
+  layer = MoE(cfg, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 16, cfg.d_model)).astype(np.float32)
+  mask = np.ones((2, 16), bool)
+  mask[1, 12:] = False
+  y, _, stats = nnx.jit(lambda m, a, b: m(a, b))(layer, jnp.asarray(x), jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(y), _reference(layer, cfg, x, mask), rtol=2e-4, atol=2e-5)
+  if router == "expert_choice":  # the tokens got different numbers of experts, so the table mattered
+    assert float(stats["experts_per_token_max"]) > float(stats["experts_per_token_min"])
+    plain = _cfg(router, group)
+    y_plain, _, _ = nnx.jit(lambda m, a, b: m(a, b))(MoE(plain, rngs=nnx.Rngs(0)), jnp.asarray(x), jnp.asarray(mask))
+    assert not np.allclose(np.asarray(y), np.asarray(y_plain))
+
+
+def test_token_choice_selection_bias_in_the_layer_matches_naive_loop():
+  cfg = _cfg("token_choice")
+  cfg.moe.bias_update_rate = 1e-3
+  layer = MoE(cfg, rngs=nnx.Rngs(0))
+  layer.selection_bias[...] = jnp.asarray(np.random.default_rng(5).normal(size=cfg.moe.num_experts) * 0.3,
+                                          jnp.float32)
+  x = np.random.default_rng(0).normal(size=(2, 16, cfg.d_model)).astype(np.float32)
+  mask = np.ones((2, 16), bool)
+  y, _, _ = nnx.jit(lambda m, a, b: m(a, b))(layer, jnp.asarray(x), jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(y), _reference(layer, cfg, x, mask), rtol=2e-4, atol=2e-5)
+  assert MoE(_cfg("token_choice"), rngs=nnx.Rngs(0)).selection_bias is None  # rate 0: no such param
 
 
 def test_moe_layer_gradients_are_finite_under_jit():

@@ -56,6 +56,22 @@ def test_expert_choice_matches_per_expert_loop(activation, groups, tokens, k):
   assert np.allclose(sums[ref_picked.any(-1)], 1.0) and np.all(sums[~ref_picked.any(-1)] == 0)
 
 
+def test_dynamic_scale_hand_case_and_expert_choice_gates():
+  factors = (0.0, 1.0, 1.5, 2.0)
+  np.testing.assert_allclose(routing.dynamic_scale(jnp.array([[0, 1], [2, 3]]), factors), [[0.0, 1.0], [1.5, 2.0]])
+  logits = np.random.default_rng(6).normal(size=(2, 9, 3)).astype(np.float32)
+  mask = np.ones((2, 9), bool)
+  _, picked, gates = ec_reference(logits, mask, 1, "softmax")
+  idx, slot_gates, _ = routing.expert_choice(jnp.asarray(logits), jnp.asarray(mask), 1, "softmax",
+                                             scaling_factors=factors)
+  want = gates * np.asarray(factors)[picked.sum(-1)][..., None]
+  got = np.zeros_like(want)
+  for g in range(2):
+    for e in range(3):
+      got[g, np.asarray(idx)[g, e], e] = np.asarray(slot_gates)[g, e]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_expert_choice_ties_go_to_the_lower_token_index():
   logits = np.zeros((1, 6, 2), np.float32)  # all tied: C = 3 -> tokens 0, 1, 2 for both experts
   idx, _, picked = routing.expert_choice(jnp.asarray(logits), jnp.ones((1, 6), bool), 1, "softmax")
@@ -135,6 +151,32 @@ def test_token_choice_matches_per_token_loop(activation):
   expected = 6 * np.sum(f * pn.mean(0))
   got = routing.switch_aux_loss(probs, idx, jnp.asarray(mask))
   assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_selection_bias_changes_which_experts_but_not_the_gates():
+  rng = np.random.default_rng(4)
+  logits = rng.normal(size=(12, 5)).astype(np.float32)
+  bias = np.array([0.0, 0.5, -0.3, 0.2, -1.0], np.float32)
+  mask = np.ones(12, bool)
+  for activation in ("softmax", "sigmoid"):
+    idx, gates, _ = routing.token_choice_topk(jnp.asarray(logits), jnp.asarray(mask), 2, activation, jnp.asarray(bias))
+    for i in range(12):  # per-token loop: choose by score + bias, gate by the unbiased score
+      s = logits[i].astype(np.float64)
+      p = np.exp(s - s.max()) / np.exp(s - s.max()).sum() if activation == "softmax" else 1 / (1 + np.exp(-s))
+      top = np.argsort(-(p + bias), kind="stable")[:2]
+      np.testing.assert_array_equal(np.asarray(idx)[i], top)
+      np.testing.assert_allclose(np.asarray(gates)[i], p[top] / p[top].sum(), rtol=1e-5)
+  # the bias decides: +10 on expert 4 puts it in every token's top 2
+  idx, _, _ = routing.token_choice_topk(jnp.asarray(logits), jnp.asarray(mask), 2, "softmax",
+                                        jnp.array([0, 0, 0, 0, 10.0]))
+  assert (np.asarray(idx) == 4).any(-1).all()
+
+
+def test_balance_bias_step_hand_case():
+  bias = jnp.array([[0.0, 0.1, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+  load = jnp.array([[0.5, 0.25, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25]])
+  got = routing.balance_bias_step(bias, load, 0.01)
+  np.testing.assert_allclose(got, [[-0.01, 0.1, 0.0, 0.01], [0.0, 0.0, 0.0, 0.0]], atol=1e-7)
 
 
 def test_switch_aux_loss_is_one_when_uniform():

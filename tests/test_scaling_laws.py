@@ -144,6 +144,21 @@ def test_isoflop_fit_refuses_minima_off_the_sweeps_edge():
     fit.fit_isoflop(fit.Runs(n, d, truth.loss(n, d), budget=c))
 
 
+def test_a_sweep_summary_reads_as_runs(tmp_path):
+  """sdlm-sweep's summary.csv feeds the fits: N = active params, D = tokens, L = ln(val ppl bound)."""
+  from sdlm_jax.sweep import summary  # pylint: disable=import-outside-toplevel
+  rows = [{c: None for c in summary.COLUMNS} | dict(run=f"r{i}", config="c.py", status=status, params_total=2 * n,
+                                                    params_active=n, tokens=d, epochs=0.5, val_ppl=ppl)
+          for i, (status, n, d, ppl) in enumerate([("finished", 1e6, 2e7, 150.0), ("step 3/10", 2e6, 6e6, 300.0),
+                                                    ("finished", 4e6, 5e6, 120.0)])]
+  summary.write(rows, tmp_path)
+  runs = fit.read_runs(str(tmp_path / "summary.csv"))
+  np.testing.assert_allclose(runs.params, [1e6, 4e6])
+  np.testing.assert_allclose(runs.tokens, [2e7, 5e6])
+  np.testing.assert_allclose(runs.loss, np.log([150.0, 120.0]))
+  np.testing.assert_allclose(runs.epochs, [0.5, 0.5])
+
+
 def _sdlm_scaling(*args):
   return subprocess.run([sys.executable, "-m", "sdlm_jax.cli.scaling", *args], cwd=REPO, capture_output=True,
                         text=True, timeout=300, check=False)

@@ -13,6 +13,7 @@ flags of the main module, and a console script's main module is its generated wr
 the module that defines the flags.
 """
 
+import argparse
 import difflib
 import functools
 import os
@@ -176,3 +177,11 @@ def run_main(main, prog: str):
   if not script.__doc__:  # --help starts with the main module's docstring: the usage examples
     script.__doc__ = module.__doc__
   app.run(functools.partial(_guarded, main, prog), flags_parser=functools.partial(_parse_flags, prog))
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+  """argparse for the commands without config flags: a usage error is `PROG: error: MESSAGE`,
+  one line on stderr, exit status 2."""
+
+  def error(self, message):
+    fail(self.prog, message)

@@ -88,10 +88,7 @@ def local_tokenizer(directory: str, cache_dir: str) -> str:
     data = src.read_bytes()
     if hashlib.sha256(data).hexdigest() != manifest["tokenizer"]["sha256"]:
       raise DataFileError(f"{src} does not match the sha256 in its {MANIFEST}")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    with open(target + ".tmp", "wb") as f:
-      f.write(data)
-    os.replace(target + ".tmp", target)
+    storage.write_bytes(target, data)  # a temporary file of its own: processes sharing cache_dir may race here
   return target
 
 

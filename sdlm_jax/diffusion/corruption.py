@@ -6,6 +6,7 @@ from the model call, so tests can draw the same noise and check a loss against N
 
 import jax
 import jax.numpy as jnp
+from jax.scipy.special import ndtr, ndtri
 from jaxtyping import Array, ArrayLike, Bool, Float, Float32, Int, PRNGKeyArray
 
 
@@ -49,6 +50,28 @@ def antithetic_t(rng: PRNGKeyArray, num: int, t_min: float) -> Float32[Array, "S
   u = jax.random.uniform(rng, ())
   t = jnp.mod(u + jnp.arange(num, dtype=jnp.float32) / num, 1.0)
   return t_min + (1.0 - t_min) * t
+
+
+def moving_gaussian_mean(progress: Float[ArrayLike, ""]) -> Float32[Array, ""]:
+  """Centre of the moving-Gaussian t window at training progress p in [0, 1]: mu(p) = p.
+
+  The window starts centred on t = 0 (clean inputs) and slides at constant speed to t = 1
+  (all masked) at the last step; see docs/formulas.md, section 6, for why.
+  """
+  return jnp.clip(jnp.asarray(progress, jnp.float32), 0.0, 1.0)
+
+
+def moving_gaussian_t(u_S: Float[Array, "S"], progress: Float[ArrayLike, ""], std: float,
+                      t_min: float) -> Float32[Array, "S"]:
+  """Uniforms u in [0, 1) mapped to t ~ N(mu(progress), std^2) truncated to [t_min, 1].
+
+  Inverse CDF: t = mu + std * Phi^-1(Phi(a) + u (Phi(b) - Phi(a))), a and b the truncation
+  bounds in standard units, so stratified u (antithetic_t) give stratified t.
+  """
+  mu = moving_gaussian_mean(progress)
+  cdf_lo, cdf_hi = ndtr((t_min - mu) / std), ndtr((1.0 - mu) / std)
+  t_S = mu + std * ndtri(cdf_lo + u_S.astype(jnp.float32) * (cdf_hi - cdf_lo))
+  return jnp.clip(t_S, t_min, 1.0)
 
 
 def random_length_keep(rng: PRNGKeyArray, length: int, prob: float) -> Bool[Array, "L"]:

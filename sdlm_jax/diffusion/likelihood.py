@@ -6,7 +6,10 @@ strata of width 1/S and the batch covers S*B strata once each), each giving the 
 w(t) * sum_masked -log p(x0_i | x_t). Averaged over the samples, summed over all rows and
 batches and divided by the number of real tokens it bounds the NLL per token, and exp of it
 bounds the perplexity. All randomness derives from `seed` and the batch index: the same model
-and batches give exactly the same number. See also docs/formulas.md, section 10.
+and batches give exactly the same number. With the uniform kernel (`kernel="uniform"`) each
+sample is instead that kernel's ELBO integrand summed over every real token, weighted by
+-alpha'/(N alpha), at t in [t_min, 1 - t_min] (diffusion.uniform). See also
+docs/formulas.md, sections 5 and 10.
 """
 
 import functools
@@ -19,19 +22,21 @@ from flax import nnx
 from jaxtyping import Int, Real
 
 from sdlm_jax import progress as progress_lib
-from sdlm_jax.diffusion import corruption, losses
+from sdlm_jax.diffusion import corruption, losses, uniform
 from sdlm_jax.diffusion.schedules import get_schedule
 
 
-def _logits(graphdef, state, tokens_BxL, segment_ids_BxL, positions_BxL):
+def _logits(graphdef, state, tokens_BxL, segment_ids_BxL, positions_BxL, t_B=None):
   model = nnx.merge(graphdef, state)
-  logits_BxLxV, _ = model(tokens_BxL, segment_ids_BxL=segment_ids_BxL, positions_BxL=positions_BxL)
+  time = {} if t_B is None else {"t_B": t_B}
+  logits_BxLxV, _ = model(tokens_BxL, segment_ids_BxL=segment_ids_BxL, positions_BxL=positions_BxL, **time)
   return logits_BxLxV
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_t_samples", "schedule_name", "t_min", "mask_id"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_t_samples", "schedule_name", "t_min", "mask_id",
+                                             "kernel", "vocab_size"))
 def _elbo_nats(graphdef, state, tokens_BxL, segment_ids_BxL, positions_BxL, rng, *, num_t_samples: int,
-               schedule_name: str, t_min: float, mask_id: int):
+               schedule_name: str, t_min: float, mask_id: int, kernel: str = "masked", vocab_size: int = 0):
   """(ELBO of the batch in nats, averaged over the t samples; number of real tokens)."""
   schedule = get_schedule(schedule_name)
   batch_size = tokens_BxL.shape[0]
@@ -41,6 +46,14 @@ def _elbo_nats(graphdef, state, tokens_BxL, segment_ids_BxL, positions_BxL, rng,
 
   def one_sample(total, xs):
     t_B, key = xs
+    if kernel == "uniform":
+      t_B = jnp.minimum(t_B, 1.0 - t_min)
+      alpha_B = schedule.alpha(t_B)
+      noisy_BxL = uniform.corrupt(key, tokens_BxL, alpha_B, valid_BxL, vocab_size, mask_id)
+      logits_BxLxV = _logits(graphdef, state, noisy_BxL, segment_ids_BxL, positions_BxL, t_B)
+      h_BxL = uniform.elbo_integrand(logits_BxLxV, noisy_BxL, tokens_BxL, alpha_B, mask_id)
+      row_nats_B = jnp.sum(jnp.where(valid_BxL, h_BxL, 0.0), axis=1) / uniform.support_size(vocab_size)
+      return total + jnp.sum(schedule.decay_rate(t_B) * row_nats_B), None
     noisy_BxL, is_masked_BxL = corruption.mask_tokens(key, tokens_BxL, schedule.mask_prob(t_B), mask_id, valid_BxL)
     logits_BxLxV = _logits(graphdef, state, noisy_BxL, segment_ids_BxL, positions_BxL)
     row_nats_B = losses.masked_ce_row_sum(losses.token_cross_entropy(logits_BxLxV, tokens_BxL), is_masked_BxL)
@@ -57,9 +70,10 @@ def _per_token(nats: float, count: int) -> dict:
 
 
 def elbo_bound(model, batches, *, num_t_samples: int, seed: int, schedule_name: str, t_min: float,
-               mask_id: int, progress: bool = False) -> dict:
+               mask_id: int, kernel: str = "masked", progress: bool = False) -> dict:
   """ELBO NLL bound per real token over `batches` (dicts of tokens/segment_ids/positions, [B, L]).
 
+  `kernel`: masked (absorbing [MASK]) or uniform (the model must take t: model.time_embedding).
   Returns dict(nll_per_token, ppl_bound = exp(nll_per_token), num_tokens). One compiled
   program per batch shape; the model's parameters are arguments, not constants.
   `progress`: a bar over the batches on stderr.
@@ -70,7 +84,8 @@ def elbo_bound(model, batches, *, num_t_samples: int, seed: int, schedule_name: 
     b_nats, b_count = _elbo_nats(
         graphdef, state, jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"]),
         jnp.asarray(batch["positions"]), jax.random.fold_in(jax.random.key(seed), i),
-        num_t_samples=num_t_samples, schedule_name=schedule_name, t_min=t_min, mask_id=mask_id)
+        num_t_samples=num_t_samples, schedule_name=schedule_name, t_min=t_min, mask_id=mask_id, kernel=kernel,
+        vocab_size=model.cfg.vocab_size if kernel == "uniform" else 0)
     nats += float(b_nats)
     count += int(b_count)
   out = _per_token(nats, count)

@@ -26,6 +26,16 @@ def megadlm_row_weights(is_masked_BxL: Bool[Array, "B L"], valid_BxL: Bool[Array
   return jnp.where(n_masked_B > 0, n_valid_B / jnp.maximum(n_masked_B, 1.0), 0.0)
 
 
+def maskgit_row_weights(is_masked_BxL: Bool[Array, "B L"], valid_BxL: Bool[Array, "B L"]) -> Float32[Array, "B"]:
+  """MaskGIT's unweighted mean over masked tokens, as a weight: (real tokens / masked tokens) of the batch.
+
+  The same for every row, so `weighted_masked_ce` returns sum_masked CE / number masked (0 without masks).
+  """
+  n_masked = jnp.sum(is_masked_BxL).astype(jnp.float32)
+  weight = jnp.where(n_masked > 0, jnp.sum(valid_BxL).astype(jnp.float32) / jnp.maximum(n_masked, 1.0), 0.0)
+  return jnp.full((is_masked_BxL.shape[0],), weight)
+
+
 def masked_ce_row_sum(ce_BxL: Float[Array, "B L"], is_masked_BxL: Bool[Array, "B L"]) -> Float[Array, "B"]:
   """Sum of the cross-entropy over each row's masked positions: [B]."""
   return jnp.sum(jnp.where(is_masked_BxL, ce_BxL, 0.0), axis=1)

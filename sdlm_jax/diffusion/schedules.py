@@ -27,6 +27,10 @@ class Schedule:
   def mask_prob(self, t: Float[ArrayLike, "*T"]) -> Float[ArrayLike, "*T"]:
     return 1.0 - self.alpha(t)
 
+  def decay_rate(self, t: Float[ArrayLike, "*T"]) -> Float[ArrayLike, "*T"]:
+    """-alpha'(t) / alpha(t) = weight * (1 - alpha) / alpha: the uniform kernel's jump rate (infinite at t = 1)."""
+    return self.weight(t) * self.mask_prob(t) / self.alpha(t)
+
 
 _HALF_PI = math.pi / 2
 _SCHEDULES = {

@@ -26,6 +26,12 @@ def param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
                    eager_sharding=_can_shard_eagerly())
 
 
+def zeros_param(shape, axes, dtype) -> nnx.Param:
+  """A zero-initialised parameter carrying its logical axis names."""
+  assert len(shape) == len(axes), (shape, axes)
+  return nnx.Param(jnp.zeros(shape, dtype), out_sharding=tuple(axes), eager_sharding=_can_shard_eagerly())
+
+
 def _can_shard_eagerly() -> bool:
   """Eager sharding needs a mesh to place the value on; with none, names are metadata only."""
   return nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty

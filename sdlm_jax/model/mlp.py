@@ -1,8 +1,12 @@
-"""The dense gated FFN (SwiGLU), used by dense layers and as the MoE's shared experts."""
+"""The dense gated FFN (SwiGLU), used by dense layers and as the MoE's shared experts.
+
+Its projections' outputs carry the checkpoint names the remat policies save (mlpwi_0, mlpwi_1, mlpwo).
+"""
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float
 
 from sdlm_jax.model.layers import dtype_of, param
@@ -22,7 +26,7 @@ class SwiGLU(nnx.Module):
   def __call__(self, x_BxLxD: Float[Array, "B L D"]) -> Float[Array, "B L D"]:
     dt = self.dtype
     x_BxLxD = x_BxLxD.astype(dt)
-    gate_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_gate[...].astype(dt))
-    up_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_up[...].astype(dt))
+    gate_BxLxF = checkpoint_name(jnp.einsum("bld,df->blf", x_BxLxD, self.w_gate[...].astype(dt)), "mlpwi_0")
+    up_BxLxF = checkpoint_name(jnp.einsum("bld,df->blf", x_BxLxD, self.w_up[...].astype(dt)), "mlpwi_1")
     h_BxLxF = constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("activation_batch", "activation_length", "activation_mlp"))
-    return jnp.einsum("blf,fd->bld", h_BxLxF, self.w_down[...].astype(dt))
+    return checkpoint_name(jnp.einsum("blf,fd->bld", h_BxLxF, self.w_down[...].astype(dt)), "mlpwo")

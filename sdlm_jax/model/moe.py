@@ -15,6 +15,15 @@ run through grouped matmuls (`pallas_kernels.gmm`), then unsorted and summed wit
 Expert parallelism (parallel/expert.py): EC's [G, E, C, D] buffer goes to the experts'
 devices and back with one all_to_all each way; TC's pairs are exchanged inside a shard_map.
 
+Dynamic scaling factors (`moe.dynamic_scaling_factors`, E+1 numbers f[0..E]): a token's gates
+are multiplied by f[n], n the number of experts routing it. Under EC n varies from 0 to E per
+token; under TC it is always k, so the table acts as the constant factor f[k].
+
+Aux-loss-free balancing (TC, `moe.bias_update_rate` > 0): a per-expert `selection_bias`
+param, added to the scores only to choose each token's experts. It gets no gradient; the
+train step moves it by `update_selection_biases` after each optimizer update. Being a param,
+it is saved in every checkpoint and exported with the weights.
+
 Padding tokens (token_mask False) get zero output from the whole layer.
 """
 
@@ -26,10 +35,11 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from flax.core import spmd as core_spmd
+from jax.ad_checkpoint import checkpoint_name
 
 import pallas_kernels
 from sdlm_jax.model import routing
-from sdlm_jax.model.layers import ACT_BLD, dtype_of, param
+from sdlm_jax.model.layers import ACT_BLD, dtype_of, param, zeros_param
 from sdlm_jax.model.mlp import SwiGLU
 from sdlm_jax.parallel import expert as expert_parallel
 from sdlm_jax.parallel.sharding import constrain, logical_to_spec, mesh_axes_of, spec_entry_axes
@@ -81,6 +91,9 @@ class MoE(nnx.Module):
     self.w_gate = param(rngs, (e, d, f), _EXPERT_WEIGHTS["w_gate"], cfg.init_std, pd)
     self.w_up = param(rngs, (e, d, f), _EXPERT_WEIGHTS["w_up"], cfg.init_std, pd)
     self.w_down = param(rngs, (e, f, d), _EXPERT_WEIGHTS["w_down"], cfg.init_std, pd)
+    balanced = moe.router == "token_choice" and moe.get("bias_update_rate", 0.0) > 0
+    # float32 whatever param_dtype: it moves by steps of bias_update_rate
+    self.selection_bias = zeros_param((e,), (None,), jnp.float32) if balanced else None
     # n shared experts of width F are one SwiGLU of width n*F (same function, one matmul).
     self.shared = SwiGLU(d, moe.num_shared_experts * f, cfg, rngs=rngs) if moe.num_shared_experts else None
 
@@ -104,11 +117,12 @@ class MoE(nnx.Module):
     """Every expert's SwiGLU over its C dispatched tokens, scaled by their gates: three batched einsums."""
     dt = self.dtype
     xe_GxExCxD = constrain(xe_GxExCxD.astype(dt), _ACT_GECD)
-    gate_GxExCxF = jnp.einsum("gecd,edf->gecf", xe_GxExCxD, self.w_gate[...].astype(dt))
-    up_GxExCxF = jnp.einsum("gecd,edf->gecf", xe_GxExCxD, self.w_up[...].astype(dt))
+    gate_GxExCxF = checkpoint_name(jnp.einsum("gecd,edf->gecf", xe_GxExCxD, self.w_gate[...].astype(dt)), "mlpwi_0")
+    up_GxExCxF = checkpoint_name(jnp.einsum("gecd,edf->gecf", xe_GxExCxD, self.w_up[...].astype(dt)), "mlpwi_1")
     h_GxExCxF = jax.nn.silu(gate_GxExCxF) * up_GxExCxF * gates_GxExC[..., None].astype(dt)
     h_GxExCxF = constrain(h_GxExCxF, _ACT_GECF)
-    return constrain(jnp.einsum("gecf,efd->gecd", h_GxExCxF, self.w_down[...].astype(dt)), _ACT_GECD)
+    return checkpoint_name(constrain(jnp.einsum("gecf,efd->gecd", h_GxExCxF, self.w_down[...].astype(dt)), _ACT_GECD),
+                           "mlpwo")
 
   def _expert_choice(self, x_BxLxD, logits_BxLxE, token_mask_BxL):
     moe = self.moe
@@ -119,7 +133,8 @@ class MoE(nnx.Module):
     logits_GxNxE = logits_BxLxE.reshape(groups, tokens, -1)
     mask_GxN = token_mask_BxL.reshape(groups, tokens)
     token_idx_GxExC, gates_GxExC, picked_GxNxE = routing.expert_choice(
-        logits_GxNxE, mask_GxN, moe.top_k, moe.router_activation, backend=moe.backend)
+        logits_GxNxE, mask_GxN, moe.top_k, moe.router_activation, backend=moe.backend,
+        scaling_factors=tuple(moe.get("dynamic_scaling_factors", ())))
     xe_GxExCxD = pallas_kernels.ec_dispatch(x_GxNxD, token_idx_GxExC, backend=moe.backend)
     ye_GxExCxD = expert_parallel.from_experts(
         self._experts(expert_parallel.to_experts(xe_GxExCxD), expert_parallel.to_experts(gates_GxExC)))
@@ -135,8 +150,11 @@ class MoE(nnx.Module):
     num_experts, k = moe.num_experts, moe.top_k
     x_NxD = constrain(x_BxLxD.reshape(batch * length, d).astype(self.dtype), _ACT_ND)
     mask_N = token_mask_BxL.reshape(-1)
+    bias_E = None if self.selection_bias is None else self.selection_bias[...]
     expert_idx_NxK, gates_NxK, probs_NxE = routing.token_choice_topk(
-        logits_BxLxE.reshape(batch * length, -1), mask_N, k, moe.router_activation)
+        logits_BxLxE.reshape(batch * length, -1), mask_N, k, moe.router_activation, bias_E)
+    if moe.get("dynamic_scaling_factors", ()):  # every token has exactly k experts: entry k, a constant
+      gates_NxK = gates_NxK * float(moe.dynamic_scaling_factors[k])
     weights = [getattr(self, name)[...].astype(self.dtype) for name in _EXPERT_WEIGHTS]
     y_NxD = self._token_choice_ffn(x_NxD, expert_idx_NxK, gates_NxK.astype(self.dtype), *weights)
     y_NxD = constrain(y_NxD, _ACT_ND)
@@ -202,6 +220,24 @@ class MoE(nnx.Module):
       out_MxD = jax.lax.psum(out_MxD, axes["mlp"])
     y_MxD = jnp.take(out_MxD, _inverse(order_M), axis=0)
     return jnp.einsum("nkd,nk->nd", y_MxD.reshape(-1, k, d), gates_NxK.astype(y_MxD.dtype))
+
+
+def update_selection_biases(params, expert_load_LxE, rate: float):
+  """params with every MoE layer's `selection_bias` moved one aux-loss-free step (routing.balance_bias_step).
+
+  `expert_load_LxE`: each MoE layer's expert load of the step (the model's
+  `router.expert_load_per_layer`). A scanned stack holds the biases as one [layers, E] leaf;
+  an unrolled one as one [E] leaf per block, found by its block index.
+  """
+  def step(path, leaf):
+    keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+    if "selection_bias" not in [str(k) for k in keys]:
+      return leaf
+    if leaf.ndim == 2:
+      return routing.balance_bias_step(leaf, expert_load_LxE, rate).astype(leaf.dtype)
+    layer = int(keys[keys.index("blocks") + 1])
+    return routing.balance_bias_step(leaf, expert_load_LxE[layer], rate).astype(leaf.dtype)
+  return jax.tree_util.tree_map_with_path(step, params)
 
 
 def _inverse(order_M):

@@ -40,13 +40,14 @@ def ec_capacity(num_tokens, top_k: int, num_experts: int):
 
 
 def expert_choice(logits_GxNxE: Float[Array, "G N E"], token_mask_GxN: Bool[Array, "G N"], top_k: int,
-                  activation: str, *, backend: str = "auto"
+                  activation: str, *, backend: str = "auto", scaling_factors: tuple = ()
                   ) -> tuple[Int32[Array, "G E C"], Float32[Array, "G E C"], Bool[Array, "G N E"]]:
   """Each expert's top-C tokens per group and their gates.
 
   Returns (token_idx_GxExC int32, slot_gates_GxExC f32, picked_GxNxE bool). A slot holding a
   padding token (only when a group has fewer than C real tokens) has gate 0 and is not
-  `picked`. Gradients reach the logits through the gates only.
+  `picked`. Gradients reach the logits through the gates only. `scaling_factors` (E+1 numbers,
+  empty: off) multiplies a token's gates by its entry n, n the number of experts that picked it.
   """
   num_groups, num_tokens, num_experts = logits_GxNxE.shape
   capacity = ec_capacity(num_tokens, top_k, num_experts)
@@ -59,8 +60,16 @@ def expert_choice(logits_GxNxE: Float[Array, "G N E"], token_mask_GxN: Bool[Arra
   picked_GxNxE = jnp.zeros(logits_GxNxE.shape, bool).at[g_idx, token_idx_GxExC, e_idx].set(True)
   picked_GxNxE &= token_mask_GxN[..., None]
   gates_GxNxE = expert_choice_gates(logits_GxNxE, picked_GxNxE, activation)
+  if scaling_factors:
+    gates_GxNxE = gates_GxNxE * dynamic_scale(jnp.sum(picked_GxNxE, axis=-1), scaling_factors)[..., None]
   slot_gates_GxExC = gates_GxNxE[g_idx, token_idx_GxExC, e_idx]
   return token_idx_GxExC, slot_gates_GxExC, picked_GxNxE
+
+
+def dynamic_scale(experts_per_token_N: Int[Array, "*N"], scaling_factors: tuple) -> Float32[Array, "*N"]:
+  """The dynamic scaling factor of each token: entry n of the E+1 numbers, n its number of experts."""
+  table_En1 = jnp.asarray(scaling_factors, jnp.float32)
+  return table_En1[jnp.clip(experts_per_token_N, 0, table_En1.shape[0] - 1)]
 
 
 def expert_choice_gates(logits_GxNxE: Float[Array, "G N E"], picked_GxNxE: Bool[Array, "G N E"],
@@ -96,20 +105,40 @@ def token_wise_balance_loss(logits_GxNxE: Float[Array, "G N E"], picked_GxNxE: B
   return jnp.mean(per_group_G)
 
 
-def token_choice_topk(logits_NxE: Float[Array, "N E"], token_mask_N: Bool[Array, "N"], top_k: int, activation: str
+def token_choice_topk(logits_NxE: Float[Array, "N E"], token_mask_N: Bool[Array, "N"], top_k: int, activation: str,
+                      selection_bias_E: Float[Array, "E"] | None = None
                       ) -> tuple[Int32[Array, "N K"], Float32[Array, "N K"], Float32[Array, "N E"]]:
   """Each token's top-k experts. Returns (expert_idx_NxK int32, gates_NxK, probs_NxE).
 
   Gates are the top-k scores normalised to sum 1 (0 for padding); probs are the per-expert
-  scores (softmax or sigmoid) that the Switch aux loss uses.
+  scores (softmax or sigmoid) that the Switch aux loss uses. `selection_bias_E` (aux-loss-free
+  balancing) is added to the scores for choosing the k experts only: the gates stay the
+  unbiased scores of the chosen experts, and no gradient flows into the bias.
   """
   _check_activation(activation)
   logits_NxE = logits_NxE.astype(jnp.float32)
   probs_NxE = jax.nn.softmax(logits_NxE, axis=-1) if activation == "softmax" else jax.nn.sigmoid(logits_NxE)
-  top_NxK, expert_idx_NxK = jax.lax.top_k(probs_NxE, top_k)
+  if selection_bias_E is None:
+    top_NxK, expert_idx_NxK = jax.lax.top_k(probs_NxE, top_k)
+  else:
+    choice_NxE = jax.lax.stop_gradient(probs_NxE + selection_bias_E.astype(jnp.float32))
+    _, expert_idx_NxK = jax.lax.top_k(choice_NxE, top_k)
+    top_NxK = jnp.take_along_axis(probs_NxE, expert_idx_NxK, axis=-1)
   gates_NxK = top_NxK / jnp.sum(top_NxK, axis=-1, keepdims=True)
   gates_NxK = jnp.where(token_mask_N[:, None], gates_NxK, 0.0)
   return expert_idx_NxK.astype(jnp.int32), gates_NxK, probs_NxE
+
+
+def balance_bias_step(bias_LxE: Float[Array, "*L E"], load_LxE: Float[Array, "*L E"], rate: float
+                      ) -> Float32[Array, "*L E"]:
+  """One aux-loss-free balancing update: b_e += rate * sign(mean load - load_e), per layer.
+
+  `load` is each expert's share of the routed slots (rows sum to 1): an under-used expert's
+  bias rises by `rate`, an over-used one's falls by `rate`, an exactly balanced one's stays.
+  """
+  load_LxE = load_LxE.astype(jnp.float32)
+  mean_Lx1 = jnp.mean(load_LxE, axis=-1, keepdims=True)
+  return bias_LxE.astype(jnp.float32) + rate * jnp.sign(mean_Lx1 - load_LxE)
 
 
 def switch_aux_loss(probs_NxE: Float[Array, "N E"], expert_idx_NxK: Int[Array, "N K"],

@@ -1,7 +1,9 @@
 """The SDLM backbone: embeddings, pre-norm blocks (attention + dense or MoE FFN), LM head.
 
 Bidirectional for diffusion, causal for the AR baseline: the same code behind `cfg.causal`.
-There is no time embedding (masked diffusion needs none). Params live in `param_dtype`,
+Masked diffusion needs no time input; with `time_embedding` (the uniform kernel, whose input
+does not show how noisy it is) the model takes t per row: sinusoidal features of t through a
+two-layer SiLU MLP, added to every token embedding of the row. Params live in `param_dtype`,
 matmuls run in `dtype`, logits come back in float32.
 
 Layers come in at most two stacks: the first `moe.first_k_dense` layers with a dense FFN,
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from jaxtyping import Array, Float32, Int
+from jaxtyping import Array, Float, Float32, Int
 
 from sdlm_jax.model.attention import Attention
 from sdlm_jax.model.layers import ACT_BLD, RMSNorm, dtype_of, param
@@ -25,10 +27,23 @@ from sdlm_jax.model.stacks import layer_stacks
 from sdlm_jax.parallel.sharding import constrain
 
 _POLICIES = jax.checkpoint_policies
-# What a block keeps for the backward pass (everything else is recomputed):
+# Names the block tags its matmul outputs with (jax.ad_checkpoint.checkpoint_name), as MaxText
+# does: attention's q/k/v projections, its output before the projection ("context", the
+# attention kernel's result) and after it, and the gated FFN's (dense, shared or expert) two
+# input projections and output projection.
+QKV_NAMES = ("query_proj", "key_proj", "value_proj")
+MLP_NAMES = ("mlpwi_0", "mlpwi_1", "mlpwo")
+# What a block keeps for the backward pass (everything else is recomputed). The named ones
+# follow MaxText's remat policies of the same name.
 REMAT_POLICIES = {
     "none": None,                                       # no remat: keep every activation
     "full": _POLICIES.nothing_saveable,                 # keep only the block's input
+    # the projections' outputs, so only norms, RoPE, activations and attention are recomputed
+    "minimal": _POLICIES.save_only_these_names(*QKV_NAMES, "out_proj", *MLP_NAMES),
+    # ... and the attention kernel's output too: nothing but elementwise work is recomputed
+    "minimal_with_context": _POLICIES.save_only_these_names(*QKV_NAMES, "context", "out_proj", *MLP_NAMES),
+    "save_dot_except_mlp": _POLICIES.save_only_these_names(*QKV_NAMES, "out_proj"),  # recompute the FFN
+    "save_qkv_proj": _POLICIES.save_only_these_names(*QKV_NAMES),
     "save_dots": _POLICIES.dots_saveable,               # keep every matmul output
     "save_dots_no_batch": _POLICIES.dots_with_no_batch_dims_saveable,  # ... except batched ones (attention, experts)
     "offload": _POLICIES.offload_dot_with_no_batch_dims("device", "pinned_host"),  # those, in host memory
@@ -128,13 +143,20 @@ class Transformer(nnx.Module):
     self.dtype = dtype_of(cfg.dtype)
     self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pd)
     self.stacks = nnx.List([LayerStack(cfg, n, moe, rngs=rngs) for n, moe in layer_stacks(cfg)])
+    self.time_in, self.time_out = (
+        (param(rngs, (cfg.d_model, cfg.d_model), (None, "embed"), cfg.init_std, pd),
+         param(rngs, (cfg.d_model, cfg.d_model), (None, "embed"), cfg.init_std, pd))
+        if cfg.get("time_embedding", False) else (None, None))
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
     self.lm_head = None if cfg.tie_embeddings else param(
         rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pd)
 
   def __call__(self, tokens_BxL: Int[Array, "B L"], *, segment_ids_BxL: Int[Array, "B L"] | None = None,
-               positions_BxL: Int[Array, "B L"] | None = None) -> tuple[Float32[Array, "B L V"], dict]:
+               positions_BxL: Int[Array, "B L"] | None = None,
+               t_B: Float[Array, "B"] | None = None) -> tuple[Float32[Array, "B L V"], dict]:
     batch, length = tokens_BxL.shape
+    if (t_B is None) != (self.time_in is None):
+      raise ValueError("model.time_embedding=True needs the diffusion time t_B, and a model without it takes none")
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     token_mask_BxL = jnp.ones((batch, length), bool) if segment_ids_BxL is None else segment_ids_BxL > 0
@@ -142,6 +164,8 @@ class Transformer(nnx.Module):
     # lookup into a d_model-sharded table would have to re-shard its output from d to batch.
     table_VxD = constrain(self.embed[...], ("vocab", None))
     x_BxLxD = constrain(jnp.take(table_VxD, tokens_BxL, axis=0).astype(self.dtype), ACT_BLD)
+    if t_B is not None:
+      x_BxLxD = x_BxLxD + self._time_embedding(t_B)[:, None, :].astype(self.dtype)
     router_outs = []
     for stack in self.stacks:
       x_BxLxD, (losses, stats) = stack(x_BxLxD, segment_ids_BxL, positions_BxL, token_mask_BxL)
@@ -153,6 +177,17 @@ class Transformer(nnx.Module):
                               preferred_element_type=jnp.float32)
     logits_BxLxV = constrain(logits_BxLxV, ("activation_batch", "activation_length", "activation_vocab"))
     return logits_BxLxV, self._aux(router_outs)
+
+  def _time_embedding(self, t_B: Float[Array, "B"]) -> Float32[Array, "B D"]:
+    """MLP(sinusoidal(1000 t)): d_model/2 frequencies from 1 to 1/10000, as for positions."""
+    half = self.cfg.d_model // 2
+    freqs_H = jnp.exp(-jnp.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BxH = 1000.0 * t_B.astype(jnp.float32)[:, None] * freqs_H[None, :]
+    feats_BxD = jnp.concatenate([jnp.cos(angle_BxH), jnp.sin(angle_BxH)], axis=-1)
+    if feats_BxD.shape[-1] < self.cfg.d_model:  # odd d_model
+      feats_BxD = jnp.pad(feats_BxD, ((0, 0), (0, 1)))
+    hidden_BxD = jax.nn.silu(feats_BxD @ self.time_in[...].astype(jnp.float32))
+    return hidden_BxD @ self.time_out[...].astype(jnp.float32)
 
   def _aux(self, router_outs) -> dict:
     """Router losses and stats over all MoE layers; each stack's come stacked on axis 0."""

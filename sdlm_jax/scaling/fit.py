@@ -50,10 +50,23 @@ class Runs:
     return self if self.epochs is None else self.select(self.epochs <= 1.0 + 1e-9)
 
 
+def _from_sweep_summary(rows: list[dict]) -> list[dict]:
+  """An sdlm-sweep summary.csv as runs: N = active parameters, D = training tokens, L = the
+  validation loss ln(val ppl) (a diffusion model's ELBO bound); unfinished runs and runs without one are left out."""
+  return [{"params": r["params_active"], "tokens": r["tokens"], "loss": str(np.log(float(r["val_ppl"]))),
+           "epochs": r.get("epochs", "")}
+          for r in rows if r.get("status") == "finished" and r.get("val_ppl")]
+
+
 def read_runs(path: str) -> Runs:
-  """Reads a runs CSV: columns params,tokens,loss and optionally unique_tokens,epochs,budget."""
+  """Reads a runs CSV: columns params,tokens,loss and optionally unique_tokens,epochs,budget, or
+  an sdlm-sweep summary.csv (see _from_sweep_summary)."""
   with open(path, newline="") as f:
     rows = list(csv.DictReader(f))
+  if rows and "params_active" in rows[0] and "params" not in rows[0]:
+    rows = _from_sweep_summary(rows)
+    if rows and not all(r["epochs"] for r in rows):
+      rows = [{k: v for k, v in r.items() if k != "epochs"} for r in rows]
   header = list(rows[0]) if rows else []
   missing = [c for c in REQUIRED_COLUMNS if c not in header]
   if missing:

@@ -1,29 +1,17 @@
 """PNG plots of a scaling fit: the IsoFLOP curves and the compute-optimal frontier.
 
-matplotlib is an optional dependency (`pip install -e ".[scaling]"`); it is imported only here,
-with the Agg backend, so the fits and the CLI's other commands work without it.
+matplotlib is imported on first use (sdlm_jax.plotting), so the fits work without loading it.
 """
-
-import os
 
 import numpy as np
 
+from sdlm_jax.plotting import pyplot, save
 from sdlm_jax.scaling import laws
-
-
-def _pyplot():
-  try:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise ImportError('plots need matplotlib: pip install -e ".[scaling]" (or pip install matplotlib)') from None
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  return plt
 
 
 def plot_isoflop(iso, path: str) -> str:
   """Loss against N per budget, each with its parabola and its minimum."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
   colors = plt.cm.viridis(np.linspace(0.0, 0.9, len(iso.budgets)))
   for budget, color in zip(iso.budgets, colors):
@@ -36,13 +24,13 @@ def plot_isoflop(iso, path: str) -> str:
   ax.set_ylabel("loss")
   ax.set_title("IsoFLOP curves (parabola in ln N per budget; stars: minima)")
   ax.legend(fontsize=8)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def plot_frontier(iso, parametric, path: str, reference: laws.Law | None = None) -> str:
   """N_opt(C) and D_opt(C): IsoFLOP minima, the power laws through them, the fitted parametric
   law's optimum, and a published law's IsoFLOP frontier for reference."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
   budgets = iso.budgets if iso else []
   computes = [b.compute for b in budgets]
@@ -68,12 +56,5 @@ def plot_frontier(iso, parametric, path: str, reference: laws.Law | None = None)
     ax.set_ylabel(label)
     ax.legend(fontsize=8)
   fig.suptitle("compute-optimal frontier")
-  return _save(fig, path)
+  return save(fig, path)
 
-
-def _save(fig, path):
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  _pyplot().close(fig)
-  return path

@@ -47,7 +47,7 @@ def evaluate(cfg, model, tokenizer, *, progress: bool = False) -> dict:
     result = likelihood.elbo_bound(
         model, batches, num_t_samples=cfg.eval.num_t_samples, seed=cfg.eval.seed,
         schedule_name=cfg.diffusion.schedule, t_min=cfg.diffusion.t_min, mask_id=tokenizer.mask_id,
-        progress=progress)
+        kernel=cfg.diffusion.kernel, progress=progress)
   val_tokens = np.concatenate([b["tokens"][b["segment_ids"] > 0] for b in batches])
   counts = pipeline.token_counts(cfg.data, tokenizer, "train")
   unigram = likelihood.unigram_perplexity(counts, val_tokens)

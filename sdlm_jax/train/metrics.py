@@ -7,7 +7,10 @@ not whole JSON (torn by a crash mid-write) is dropped with a warning.
 On a gs:// work dir (objects there cannot be appended to, and tensorboardX writes local files
 only) both are written to a local staging folder and copied up by `sync()`, which the train
 loop calls before every checkpoint save and at the end: whatever a resume keeps (every line up
-to the restored checkpoint's step) is in the bucket before that checkpoint exists.
+to the restored checkpoint's step) is in the bucket before that checkpoint exists. A sync
+uploads only the bytes each staged file gained since the last one and composes them onto the
+end of its object (`storage.append_bytes`), so a long run's syncs cost its metrics' size once,
+not once per checkpoint.
 """
 
 import json
@@ -15,6 +18,7 @@ import math
 import shutil
 import sys
 import tempfile
+import uuid
 
 import jax
 import numpy as np
@@ -80,12 +84,16 @@ class MetricsWriter:
                    else self.workdir)
     self.path = str(self._local / "metrics.jsonl")
     self._tb = None
+    self._synced = {}  # staged file -> bytes of it already in the bucket (gs:// only)
     if not enabled:
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
     self._truncate_after(resume_step)
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    self._tb = SummaryWriter(str(self._local / "tensorboard"))
+    # On gs:// each writer's event file gets a name of its own: a staged file is appended to the
+    # object of the same name, which a writer started in the same second would otherwise share.
+    suffix = f".{uuid.uuid4().hex[:8]}" if self._remote else ""
+    self._tb = SummaryWriter(str(self._local / "tensorboard"), filename_suffix=suffix)
 
   def _truncate_after(self, step: int):
     source = self.workdir / "metrics.jsonl"
@@ -101,9 +109,11 @@ class MetricsWriter:
         continue
       if record is not None and record["step"] <= step:
         kept.append(line if line.endswith("\n") else line + "\n")
-    storage.write_text(self.path, "".join(kept))
+    text = "".join(kept)
+    storage.write_text(self.path, text)
     if self._remote:
-      storage.write_text(source, "".join(kept))
+      storage.write_text(source, text)
+      self._synced[self.path] = len(text.encode("utf-8"))  # the bucket holds all of it
 
   def sync(self):
     """Copies the staged metrics.jsonl and TensorBoard files up to a gs:// work dir (locally: nothing to do)."""
@@ -112,10 +122,20 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.flush()
     if storage.path(self.path).exists():
-      storage.copy_file(self.path, self.workdir / "metrics.jsonl")
+      self._append_new_bytes(self.path, self.workdir / "metrics.jsonl")
     events = self._local / "tensorboard"
     for event_file in sorted(events.iterdir()) if events.exists() else ():
-      storage.copy_file(event_file, self.workdir / "tensorboard" / event_file.name)
+      self._append_new_bytes(str(event_file), self.workdir / "tensorboard" / event_file.name)
+
+  def _append_new_bytes(self, local: str, remote):
+    """Appends to `remote` what the staged file `local` gained since the last sync."""
+    done = self._synced.get(local, 0)
+    with open(local, "rb") as f:
+      f.seek(done)
+      new = f.read()
+    if new:
+      storage.append_bytes(remote, new)
+      self._synced[local] = done + len(new)
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:

@@ -11,6 +11,7 @@ import optax
 from flax import nnx
 
 from sdlm_jax.diffusion import objectives
+from sdlm_jax.model.moe import update_selection_biases
 
 
 def step_rng(seed: int, step):
@@ -19,12 +20,16 @@ def step_rng(seed: int, step):
 
 
 def make_loss_fn(graphdef, rest, diffusion_cfg, mask_id: int):
-  """loss_fn(params, batch, rng) -> (data loss + router aux loss, metrics)."""
-  def loss_fn(params, batch, rng):
+  """loss_fn(params, batch, rng, progress=0.0) -> (data loss + router aux loss, metrics).
+
+  `progress` = step / train.num_steps (the moving-Gaussian t window needs it).
+  """
+  def loss_fn(params, batch, rng, progress=0.0):
     model = nnx.merge(graphdef, params, rest)
-    def apply_fn(tokens_BxL, segment_ids_BxL, positions_BxL):
-      return model(tokens_BxL, segment_ids_BxL=segment_ids_BxL, positions_BxL=positions_BxL)
-    loss, metrics = objectives.compute_loss(apply_fn, batch, rng, diffusion_cfg, mask_id=mask_id)
+    def apply_fn(tokens_BxL, segment_ids_BxL, positions_BxL, t_B=None):
+      return model(tokens_BxL, segment_ids_BxL=segment_ids_BxL, positions_BxL=positions_BxL, t_B=t_B)
+    loss, metrics = objectives.compute_loss(apply_fn, batch, rng, diffusion_cfg, mask_id=mask_id, progress=progress,
+                                            vocab_size=model.cfg.vocab_size)
     aux = metrics.pop("aux")
     metrics["aux_loss"] = aux["aux_loss"]
     metrics.update({f"router/{k}": v for k, v in aux["router"].items()})
@@ -61,13 +66,14 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, lr_
 
   def train_step(params, opt_state, batch, step):
     rng = step_rng(cfg.seed, step)
+    progress = jnp.asarray(step, jnp.float32) / cfg.train.num_steps
     if num_micro == 1:
-      (_, metrics), grads = grad_fn(params, batch, rng)
+      (_, metrics), grads = grad_fn(params, batch, rng, progress)
     else:
       micro = _split_microbatches(batch, num_micro)
       def body(grads_acc, xs):
         i, mb = xs
-        (_, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        (_, m), g = grad_fn(params, mb, jax.random.fold_in(rng, i), progress)
         return jax.tree.map(jnp.add, grads_acc, g), m
       zeros = jax.tree.map(jnp.zeros_like, params)
       grads, stacked = jax.lax.scan(body, zeros, (jnp.arange(num_micro), micro))
@@ -76,6 +82,9 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, lr_
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
+    bias_rate = cfg.model.moe.get("bias_update_rate", 0.0)
+    if bias_rate > 0 and "router/expert_load_per_layer" in metrics:
+      new_params = update_selection_biases(new_params, metrics["router/expert_load_per_layer"], bias_rate)
     param_norm = optax.tree.norm(new_params)
     # A non-finite loss, gradient or updated param never reaches the state: the step is dropped
     # (the loop then stops with an error), so whatever is checkpointed is the last good state.

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from sdlm_jax import storage
 from sdlm_jax import workdir as workdir_lib
 from sdlm_jax.defaults import get_base_config
 from sdlm_jax.train import resume_rules
@@ -299,3 +300,35 @@ def test_sigterm_saves_at_the_step_reached_exits_75_and_the_run_resumes(tmp_path
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"Resumed from step {reached}" in proc.stdout
   assert [s for s in _logged_steps(workdir)][:reached + 2] == list(range(1, reached + 3))
+
+
+# ---------------------------------------------------------------- the same on gs://
+
+def test_lock_digests_and_set_aside_work_on_gcs(gcs_emulator, capsys):
+  workdir = f"{gcs_emulator}/run"
+  first = run_lock.RunLock(workdir)
+  first.acquire()
+  with pytest.raises(run_lock.RunLockedError, match=f"pid {os.getpid()}"):
+    run_lock.RunLock(workdir).acquire()
+  first.heartbeat()
+  first.release()
+  assert not storage.path(f"{workdir}/{run_lock.LOCK_FILE}").exists()
+  # a lock whose holder ran on another host and went silent is taken over
+  storage.write_text(f"{workdir}/{run_lock.LOCK_FILE}", json.dumps(
+      {"host": "tpu-worker-7", "pid": 1, "start_time": "earlier", "heartbeat_unix": time.time() - 3600}))
+  taker = run_lock.RunLock(workdir)
+  taker.acquire()
+  assert "taking over the stale lock" in capsys.readouterr().err
+  taker.release()
+
+  step_dir = f"{workdir}/checkpoints/6"
+  storage.write_bytes(f"{step_dir}/params/d/0", b"x" * 1000)
+  storage.write_bytes(f"{step_dir}/meta/meta.json", b"{}")
+  files = [str(f) for f in storage.files_under(step_dir)]
+  assert files == [f"{step_dir}/meta/meta.json", f"{step_dir}/params/d/0"]
+  before = storage.digest(f"{step_dir}/params/d/0")
+  storage.write_bytes(f"{step_dir}/params/d/0", b"x" * 999 + b"y")
+  assert storage.digest(f"{step_dir}/params/d/0") != before
+  storage.move_tree(step_dir, f"{workdir}/checkpoints_corrupt/6")
+  assert not storage.path(step_dir).exists()
+  assert storage.path(f"{workdir}/checkpoints_corrupt/6/params/d/0").read_bytes() == b"x" * 999 + b"y"

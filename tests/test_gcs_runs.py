@@ -39,16 +39,20 @@ def _read(url) -> bytes:
   return _fs().cat_file(url)
 
 
-def _event_scalars(data: bytes) -> list[tuple[str, int, float]]:
-  """(tag, step, value) of every scalar in TensorBoard event-file bytes (TFRecord framing:
-  length, its crc, the event, its crc)."""
+def _events(data: bytes) -> list:
+  """The events in TensorBoard event-file bytes (TFRecord framing: length, its crc, the event, its crc)."""
   out, pos = [], 0
   while pos < len(data):
     (length,) = struct.unpack("<Q", data[pos:pos + 8])
-    event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-    out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+    out.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
     pos += 12 + length + 4
+  assert pos == len(data)  # whole records only
   return out
+
+
+def _event_scalars(data: bytes) -> list[tuple[str, int, float]]:
+  """(tag, step, value) of every scalar in TensorBoard event-file bytes."""
+  return [(v.tag, event.step, v.simple_value) for event in _events(data) for v in event.summary.value]
 
 
 def test_append_bytes_concatenates_locally_and_on_gcs(tmp_path, gcs_emulator):
@@ -91,7 +95,11 @@ def test_metrics_on_gcs_upload_each_byte_once_and_resume_truncates(gcs_emulator,
   resumed.write(7, {"loss": 0.5})
   resumed.close()
   assert _read(f"{run}/metrics.jsonl").decode() == "".join(expected[:6]) + json.dumps({"step": 7, "loss": 0.5}) + "\n"
-  assert len(_fs().ls(f"{run}/tensorboard")) == 2  # each process its own event file, none overwritten
+  files = _fs().ls(f"{run}/tensorboard")
+  assert len(files) == 2  # each writer its own event file, none overwritten
+  restarts = [event.step for f in files for event in _events(_read(f))
+              if event.session_log.status == event_pb2.SessionLog.START]
+  assert restarts == [7]  # TensorBoard drops the first file's points from step 7 on
 
 
 def _cli(module, *args):

@@ -93,7 +93,10 @@ class MetricsWriter:
     # On gs:// each writer's event file gets a name of its own: a staged file is appended to the
     # object of the same name, which a writer started in the same second would otherwise share.
     suffix = f".{uuid.uuid4().hex[:8]}" if self._remote else ""
-    self._tb = SummaryWriter(str(self._local / "tensorboard"), filename_suffix=suffix)
+    # purge_step: TensorBoard drops the earlier event files' points past the restored step, which a
+    # killed run logged before its last checkpoint and this run logs again.
+    self._tb = SummaryWriter(str(self._local / "tensorboard"), filename_suffix=suffix,
+                             purge_step=resume_step + 1 if resume_step else None)
 
   def _truncate_after(self, step: int):
     source = self.workdir / "metrics.jsonl"

@@ -240,6 +240,23 @@ def test_cudnn_attention_needs_a_half_precision_compute_dtype():
   validate(cfg, platform="gpu")
 
 
+def test_splash_attention_needs_a_tpu_and_interpret_mode_runs_anywhere():
+  cfg = demo.get_config("ec")
+  cfg.model.attention = "splash"
+  with pytest.raises(ConfigError, match="model.attention='splash' is a TPU kernel.*splash_interpret"):
+    validate(cfg, platform="cpu")
+  validate(cfg, platform="tpu")
+  cfg.model.attention = "splash_interpret"
+  validate(cfg, platform="cpu")
+
+
+@pytest.mark.parametrize("remat", ["minimal", "minimal_with_context", "save_dot_except_mlp", "save_qkv_proj"])
+def test_named_remat_policies_validate(remat):
+  cfg = demo.get_config("ec")
+  cfg.model.remat = remat
+  validate(cfg)
+
+
 def test_section_checks_take_the_names_of_their_flags():
   cfg = demo.get_config("ec")
   cfg.eval.num_t_samples = 0

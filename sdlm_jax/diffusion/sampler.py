@@ -57,11 +57,11 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from sdlm_jax import progress as progress_lib
 from sdlm_jax.diffusion import uniform
+from sdlm_jax.diffusion.objectives import KERNELS
 from sdlm_jax.diffusion.schedules import get_schedule
 from sdlm_jax.errors import UserInputError, check_choice, check_number
 
 REMASKING = ("low_confidence", "random")
-KERNELS = ("masked", "uniform")
 PROGRESS_UPDATES = 16
 
 

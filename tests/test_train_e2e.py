@@ -191,6 +191,14 @@ def test_token_choice_bias_balancing_and_maskgit_train_from_the_cli(tmp_path, da
                          "--config.diffusion.loss=maskgit", "--config.diffusion.schedule=cosine"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert all(np.isfinite(v) for v in _train_losses(workdir).values())
+  check = _run([sys.executable, "-c", (
+      "import sys, numpy as np\n"
+      "from sdlm_jax.train.restore import load_trained_model\n"
+      "_, _, model, step = load_trained_model(sys.argv[1])\n"
+      "bias = np.asarray(model.stacks[-1].blocks.ffn.selection_bias[...])\n"
+      "print(step, bias.shape, np.abs(bias).max())\n"
+      "assert step == 6 and bias.shape == (2, 4) and np.abs(bias).max() > 0\n"), workdir])
+  assert check.returncode == 0, check.stderr[-3000:]  # the biases moved and came back from the checkpoint
   bad = _run(_train_cmd(str(tmp_path / "bad"), data_dir, "ec,smoke", "--config.model.causal=True",
                         "--config.diffusion.loss=ar"))
   assert bad.returncode != 0 and "leaks future tokens" in bad.stderr and "Traceback" not in bad.stderr

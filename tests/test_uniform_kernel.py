@@ -106,7 +106,7 @@ def test_continuous_elbo_is_the_limit_of_the_discrete_time_elbo(schedule_name):
   alpha = lambda t: float(schedule.alpha(t))
   lo, hi, x = 0.05, 0.95, 2
   # discrete time: sum_k E_{z_t ~ q_t(.|x)} KL(q(z_s | z_t, x) || q(z_s | z_t, x_theta(z_t, t)))
-  steps = 4000
+  steps = 1000  # the gap to the continuous limit falls like 1/steps: ~5e-5 relative here
   grid = np.linspace(lo, hi, steps + 1)
   discrete = 0.0
   for k in range(1, steps + 1):
@@ -131,7 +131,7 @@ def test_continuous_elbo_is_the_limit_of_the_discrete_time_elbo(schedule_name):
     h = np.asarray(uniform.elbo_integrand(jnp.asarray(logits, jnp.float32), jnp.asarray(zs)[None],
                                           jnp.full((1, len(zs)), x), jnp.array([a]), MASK), np.float64)[0]
     continuous += np.sum(q_t[zs] * rate / N * h) * (hi - lo) / quad
-  assert continuous == pytest.approx(discrete, rel=5e-3)
+  assert continuous == pytest.approx(discrete, rel=2e-4)
 
 
 def test_posterior_probs_match_bayes_and_never_propose_mask():

@@ -115,8 +115,10 @@ def moe(h_BxLxD, w, prefix, token_mask_BxL, m):
   batch with ec_group=batch) expert e takes its C = min(floor(N k / E), N) highest-logit tokens
   (padding scores below every real token; ties: lower index), and a token's gates are
   normalised over the experts that took it. Token choice: each token's top-k experts by router
-  probability (ties: lower index), gates normalised over those k. Routed output scaled by
-  routed_scaling_factor, shared experts added, padding tokens zeroed."""
+  probability plus the selection bias if any (ties: lower index), gates the unbiased
+  probabilities normalised over those k. Gates of a token with n experts times
+  dynamic_scaling_factors[n] when given. Routed output scaled by routed_scaling_factor, shared
+  experts added, padding tokens zeroed."""
   cfg = m["moe"]
   batch, length, d = h_BxLxD.shape
   h_ND = h_BxLxD.reshape(-1, d)
@@ -125,6 +127,8 @@ def moe(h_BxLxD, w, prefix, token_mask_BxL, m):
   num_experts, k = logits_NxE.shape[1], cfg["top_k"]
   expert = lambda e, x: swiglu(x, w[prefix + "w_gate"][e], w[prefix + "w_up"][e], w[prefix + "w_down"][e])
   routed_ND = np.zeros_like(h_ND)
+  factors = cfg.get("dynamic_scaling_factors") or [1.0] * (num_experts + 1)
+  bias_E = w.get(prefix + "selection_bias", np.zeros(num_experts))
   if cfg["router"] == "expert_choice":
     if cfg["ec_group"] == "sequence":
       groups = [list(range(b * length, (b + 1) * length)) for b in range(batch)]
@@ -140,7 +144,7 @@ def moe(h_BxLxD, w, prefix, token_mask_BxL, m):
             chosen[n].append(e)
       for n, experts in chosen.items():
         if experts:
-          gates = _gates(logits_NxE[n, experts], cfg["router_activation"])
+          gates = _gates(logits_NxE[n, experts], cfg["router_activation"]) * factors[len(experts)]
           routed_ND[n] = sum(g * expert(e, h_ND[n]) for g, e in zip(gates, experts))
   else:
     for n in range(h_ND.shape[0]):
@@ -148,8 +152,8 @@ def moe(h_BxLxD, w, prefix, token_mask_BxL, m):
         probs = softmax(logits_NxE[n])
       else:
         probs = 1.0 / (1.0 + np.exp(-logits_NxE[n]))
-      top = sorted(range(num_experts), key=lambda e: (-probs[e], e))[:k]
-      gates = probs[top] / np.sum(probs[top])
+      top = sorted(range(num_experts), key=lambda e: (-(probs[e] + bias_E[e]), e))[:k]
+      gates = probs[top] / np.sum(probs[top]) * factors[k]
       if mask_N[n]:
         routed_ND[n] = sum(g * expert(e, h_ND[n]) for g, e in zip(gates, top))
   y_ND = routed_ND * cfg["routed_scaling_factor"]
@@ -159,14 +163,25 @@ def moe(h_BxLxD, w, prefix, token_mask_BxL, m):
   return y_ND.reshape(batch, length, d)
 
 
-def forward(export_dir, tokens_BxL, segment_ids_BxL, positions_BxL):
-  """float64 logits [B, L, V] of the export in `export_dir` (config.json + safetensors only)."""
+def time_embedding(t_B, w, d):
+  """MLP(sinusoidal(1000 t)) with d/2 frequencies 10000^(-i/(d/2)): cos features, then sin."""
+  half = d // 2
+  angle = 1000.0 * np.asarray(t_B, np.float64)[:, None] * np.exp(-np.log(10_000.0) * np.arange(half) / half)[None]
+  feats = np.concatenate([np.cos(angle), np.sin(angle)], axis=-1)
+  return silu(feats @ w["time_in"]) @ w["time_out"]
+
+
+def forward(export_dir, tokens_BxL, segment_ids_BxL, positions_BxL, t_B=None):
+  """float64 logits [B, L, V] of the export in `export_dir` (config.json + safetensors only);
+  `t_B` for a model with time_embedding."""
   with open(os.path.join(export_dir, "config.json")) as f:
     m = json.load(f)["model"]
   w = read_weights(export_dir)
   eps = m["norm_eps"]
   token_mask_BxL = np.asarray(segment_ids_BxL) > 0
   x = w["embed"][np.asarray(tokens_BxL)]
+  if m.get("time_embedding"):
+    x = x + time_embedding(t_B, w, m["d_model"])[:, None, :]
   for i in range(m["num_layers"]):
     p = f"layers.{i}."
     for b in range(x.shape[0]):

@@ -124,6 +124,22 @@ def test_t_sampling_names_and_width():
   assert "diffusion.t_sampling='moving_gaussian' has no meaning for diffusion.loss='ar'" in _bad(ar)
 
 
+def test_uniform_kernel_needs_the_elbo_a_time_input_and_one_block():
+  def uniform(loss="mdlm_elbo", time=True, block=0):
+    def mutate(c):
+      c.diffusion.kernel, c.diffusion.loss, c.model.time_embedding, c.sample.block_size = "uniform", loss, time, block
+    return mutate
+  assert "diffusion.kernel='gauss'" in _bad(lambda c: setattr(c.diffusion, "kernel", "gauss"))
+  assert "diffusion.loss='megadlm' is a masked-kernel loss" in _bad(uniform(loss="megadlm"))
+  assert "needs model.time_embedding=True" in _bad(uniform(time=False))
+  assert "sample.block_size=8" in _bad(uniform(block=8))
+  assert "model.time_embedding=True is for diffusion.kernel='uniform'" in _bad(
+      lambda c: setattr(c.model, "time_embedding", True))
+  cfg = demo.get_config("ec")
+  uniform()(cfg)
+  validate(cfg)
+
+
 def test_gqa_heads_must_divide():
   assert "num_kv_heads" in _bad(lambda c: setattr(c.model, "num_kv_heads", 3))
 

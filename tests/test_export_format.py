@@ -157,6 +157,27 @@ def test_numpy_reference_and_jax_export_match_the_model(tmp_path, moe):
   np.testing.assert_allclose(np.asarray(loaded.call(flat, *other)), _logits(model, *other), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_time_embedding_bias_and_scaling_factors_export_and_match_numpy(tmp_path, router):
+  cfg = _model_cfg(scan=True, router=router, dynamic_scaling_factors=(0.0, 0.5, 1.5, 2.0, 3.0),
+                   bias_update_rate=1e-3 if router == "token_choice" else 0.0)
+  cfg.time_embedding = True
+  model = Transformer(cfg, rngs=nnx.Rngs(3))
+  if router == "token_choice":  # a trained-looking bias, so the selection really depends on it
+    bias = model.stacks[-1].blocks.ffn.selection_bias
+    bias[...] = jnp.asarray(np.random.default_rng(0).normal(size=bias.shape) * 0.2, jnp.float32)
+  flat = tensor_names.flatten(_pure(model), cfg)
+  assert "time_in" in flat and ("layers.1.ffn.selection_bias" in flat) == (router == "token_choice")
+  safetensors_io.write(flat, tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps({"model": cfg.to_dict()}))
+  batch, t_B = _batch(cfg.vocab_size), jnp.array([0.2, 0.9])
+  expected = np.asarray(nnx.jit(lambda m, x, s, p, t: m(x, segment_ids_BxL=s, positions_BxL=p, t_B=t)[0])(
+      model, *batch, t_B))
+  np.testing.assert_allclose(numpy_forward.forward(str(tmp_path), *batch, t_B), expected, rtol=1e-4, atol=1e-5)
+  exported = forward.export_forward(cfg, directory.param_specs_of(flat), platforms=("cpu",))
+  np.testing.assert_allclose(np.asarray(exported.call(flat, *batch, t_B)), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_the_artifact_lowers_for_cpu_gpu_and_tpu_from_a_cpu_host():
   for moe in ({"router": "token_choice"}, {"router": "expert_choice"}):
     cfg = _model_cfg(scan=False, **moe)

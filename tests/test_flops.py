@@ -63,3 +63,12 @@ def test_ec_and_dense_demo_variants_have_equal_active_flops():
   ec, dense = demo.get_config("ec").model, demo.get_config("dense").model
   ratio = flops_per_token(ec, 128) / flops_per_token(dense, 128)
   assert ratio == pytest.approx(1.0, abs=0.01)  # only the router differs
+
+
+def test_param_counts_include_the_time_embedding_and_selection_biases():
+  cfg = demo.get_config("tc,smoke").model
+  cfg.time_embedding, cfg.moe.bias_update_rate = True, 1e-3
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  counted = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  base = demo.get_config("tc,smoke").model
+  assert param_counts(cfg)["total"] == counted == param_counts(base)["total"] + 2 * 64 * 64 + 2 * 4

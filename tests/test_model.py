@@ -254,3 +254,18 @@ def test_auto_attention_follows_the_compile_target_and_the_compute_dtype(platfor
     else:
       with pytest.raises(NotImplementedError, match="splash"):
         resolve_implementation("splash", dtype)
+
+
+def test_time_embedding_feeds_t_to_every_position_and_is_required():
+  model = Transformer(_model_cfg("dense,smoke", time_embedding=True), rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(5, 512, (2, 8)), jnp.int32)
+  run = nnx.jit(lambda m, x, t: m(x, t_B=t)[0])
+  a, b = run(model, tokens, jnp.array([0.1, 0.9])), run(model, tokens, jnp.array([0.1, 0.2]))
+  np.testing.assert_allclose(a[0], b[0], rtol=1e-6)        # row 0 has the same t
+  assert not np.allclose(a[1], b[1], atol=1e-6)            # row 1's t changed every position's logits
+  with pytest.raises(ValueError, match="time_embedding=True needs the diffusion time"):
+    model(tokens)
+  plain = Transformer(_model_cfg("dense,smoke"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="takes none"):
+    plain(tokens, t_B=jnp.zeros(2))
+  assert plain.time_in is None and model.time_in.shape == (64, 64)

@@ -91,3 +91,8 @@ def test_aux_free_bias_moves_by_the_sign_of_the_load_error_and_lives_in_the_para
       expected += rate * np.sign(0.25 - load)
       np.testing.assert_allclose(bias(jax.device_get(params)), expected, atol=1e-7)
   assert np.abs(expected).sum() > 0  # the loads were uneven, so the biases moved
+
+
+def test_uniform_kernel_trains_two_steps():
+  _assert_trains(*two_steps("ec", diffusion__kernel="uniform", diffusion__loss="mdlm_elbo",
+                            model__time_embedding=True, sample__block_size=0))

@@ -79,7 +79,8 @@ def main(argv):
   rows = sampler.complete(
       model, prompts, length=s.length, steps=s.steps, block_size=s.block_size, temperature=s.temperature,
       top_p=s.top_p, remasking=s.remasking, cfg_scale=s.cfg_scale, mask_id=tokenizer.mask_id,
-      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, rng=jax.random.key(_SEED.value), progress=True)
+      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, rng=jax.random.key(_SEED.value), progress=True,
+      kernel=cfg.diffusion.kernel, schedule=cfg.diffusion.schedule)
   print(f"# checkpoint step {step}")
   for prompt, (filled, continuation) in zip(_PROMPTS.value, rows):
     print(f"--- prompt: {prompt!r}")

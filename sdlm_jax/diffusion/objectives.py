@@ -14,19 +14,24 @@
              row with more masks counts more).
   mdlm_elbo  continuous-time ELBO: antithetic t in [t_min, 1] over the batch, mask with prob
              1 - alpha(t), weight w(t), divide by the number of real tokens.
-`diffusion.t_sampling=moving_gaussian` replaces the uniform t of all three by a truncated
-Gaussian window whose centre moves from t=0 to t=1 over training (a clean-to-noisy
-curriculum; corruption.moving_gaussian_t). It changes which t are trained on, not the
-weights: under mdlm_elbo the loss is then no longer an unbiased ELBO estimate.
   ar         next-token cross-entropy (needs a causal model; the caller validates that).
 Under megadlm and maskgit the schedule sets how the masking rate is distributed (rate
 1 - alpha(t), t uniform) and the weight stays the loss's own; under mdlm_elbo it sets both.
 Input and target are the same tokens for the diffusion losses; the model gets no time input.
 
+`diffusion.t_sampling=moving_gaussian` replaces the uniform t of the three diffusion losses by
+a truncated Gaussian window whose centre moves from t=0 to t=1 over training (a clean-to-noisy
+curriculum; corruption.moving_gaussian_t). It changes which t are trained on, not the
+weights: under mdlm_elbo the loss is then no longer an unbiased ELBO estimate.
+
+`diffusion.kernel=uniform` (with mdlm_elbo) replaces [MASK] by uniformly drawn tokens and the
+masked cross-entropy by that kernel's ELBO over every position (`uniform_elbo_loss`; the
+model then takes t: apply_fn(..., t_B=t_B)).
+
 The randomness is factored out: `sample_noise(rng, ...)` draws everything, and
 `diffusion_loss(...)` is deterministic given that noise, so tests can rebuild the loss from
 the same masks. The loss returned is the data loss only; the model's aux dict (router
-losses and statistics) comes back as metrics["aux"]. The formulas: docs/formulas.md, sections 2-3.
+losses and statistics) comes back as metrics["aux"]. The formulas: docs/formulas.md, sections 2-6.
 """
 
 from typing import NamedTuple

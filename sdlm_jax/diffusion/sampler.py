@@ -35,6 +35,15 @@ the unconditional pass sees the prompt replaced by [MASK]) never propose [MASK] 
 temperature 0 takes the argmax, otherwise a sample from the top-p (nucleus) filtered,
 temperature-scaled distribution. Confidence is the predicted token's probability under the
 unscaled guided logits. See also docs/formulas.md, section 9.
+
+Uniform kernel (`kernel="uniform"`, a model trained with diffusion.kernel=uniform): the
+decoded positions start as uniformly random support tokens at t = 1, and each of the `steps`
+ancestral steps from t to s = t - 1/steps replaces every decoded position by a draw from
+p(z_s | z_t) = q(z_s | z_t, x_theta) (diffusion.uniform.posterior_probs), x_theta being the
+model's prediction given z_t and t (temperature and top-p applied; temperature 0: the argmax
+as a one-hot). Every position may change at every step; the last step (s = 0) draws from
+x_theta reweighted by the chance of the last jump, so [MASK] and padding never come out.
+One block, no guidance (UserInputError otherwise); the continuation is cut at its first EOS.
 """
 
 import functools
@@ -47,6 +56,9 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from sdlm_jax import progress as progress_lib
+from sdlm_jax.diffusion import uniform
+from sdlm_jax.diffusion.objectives import KERNELS
+from sdlm_jax.diffusion.schedules import get_schedule
 from sdlm_jax.errors import UserInputError, check_choice, check_number
 
 REMASKING = ("low_confidence", "random")
@@ -183,16 +195,69 @@ def _run_steps(graphdef, state, x_BxT, seg_BxT, infill_BxT, prompt_len_B, start,
   return jax.lax.while_loop(cond, step, (jnp.asarray(start, jnp.int32), x_BxT, seg_BxT))
 
 
+@functools.partial(jax.jit, static_argnames=(
+    "graphdef", "steps", "temperature", "top_p", "schedule_name", "mask_id", "eos_id", "pad_id"))
+def _run_uniform_steps(graphdef, state, x_BxT, seg_BxT, decoded_BxT, infill_BxT, start, stop, rng, *, steps,
+                       temperature, top_p, schedule_name, mask_id, eos_id, pad_id):
+  """Ancestral steps [start, stop) of the uniform kernel's reverse process; returns (stop, x, seg)."""
+  schedule = get_schedule(schedule_name)
+  batch, width = x_BxT.shape
+  positions_BxT = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
+
+  def step(s, x_BxT):
+    t_now = 1.0 - s.astype(jnp.float32) / steps
+    t_next = 1.0 - (s + 1).astype(jnp.float32) / steps
+    model = nnx.merge(graphdef, state)
+    logits_BxTxV = model(x_BxT, segment_ids_BxL=seg_BxT, positions_BxL=positions_BxT,
+                         t_B=jnp.full((batch,), t_now))[0].astype(jnp.float32)
+    vocab_V = jnp.arange(logits_BxTxV.shape[-1])
+    banned_BxTxV = (vocab_V == mask_id) | (vocab_V == pad_id) | (infill_BxT[..., None] & (vocab_V == eos_id))
+    logits_BxTxV = jnp.where(banned_BxTxV, -jnp.inf, logits_BxTxV)
+    if temperature > 0.0:
+      probs_BxTxV = jax.nn.softmax(top_p_filter(logits_BxTxV / temperature, top_p), axis=-1)
+    else:
+      probs_BxTxV = jax.nn.one_hot(jnp.argmax(logits_BxTxV, axis=-1), logits_BxTxV.shape[-1])
+    post_BxTxV = uniform.posterior_probs(probs_BxTxV, x_BxT, schedule.alpha(t_now), schedule.alpha(t_next), mask_id)
+    draw_BxT = jax.random.categorical(jax.random.fold_in(rng, s), jnp.log(post_BxTxV), axis=-1).astype(x_BxT.dtype)
+    return jnp.where(decoded_BxT, draw_BxT, x_BxT)
+
+  x_BxT = jax.lax.fori_loop(start, stop, step, x_BxT)
+  return jnp.asarray(stop, jnp.int32), x_BxT, seg_BxT
+
+
+def _uniform_runner(model, tokens_BxT, seg_BxT, prompt_len_B, *, length, steps, block_size, temperature, top_p,
+                    cfg_scale, schedule, mask_id, eos_id, pad_id, rng):
+  """(initial tokens, run(x, seg, start, stop)) of the uniform kernel's sampler."""
+  if block_size or cfg_scale:
+    raise UserInputError(f"block_size={block_size} / cfg_scale={cfg_scale}: the uniform kernel's sampler decodes one "
+                         "block without guidance; allowed values: 0 for both")
+  rel_BxT = np.arange(tokens_BxT.shape[1])[None, :] - prompt_len_B[:, None]
+  infill_BxT = (rel_BxT < 0) & (tokens_BxT == mask_id)
+  decoded_BxT = infill_BxT | ((rel_BxT >= 0) & (rel_BxT < length))
+  rng_init, rng_steps = jax.random.split(rng)
+  start_BxT = uniform.uniform_tokens(rng_init, tokens_BxT.shape, model.cfg.vocab_size, mask_id)
+  x_BxT = jnp.where(jnp.asarray(decoded_BxT), start_BxT, jnp.asarray(tokens_BxT))
+  graphdef, state = nnx.split(model)
+  run = functools.partial(
+      _run_uniform_steps, graphdef, state, decoded_BxT=jnp.asarray(decoded_BxT), infill_BxT=jnp.asarray(infill_BxT),
+      rng=rng_steps, steps=steps, temperature=float(temperature), top_p=float(top_p), schedule_name=schedule,
+      mask_id=mask_id, eos_id=eos_id, pad_id=pad_id)
+  return x_BxT, run
+
+
 def complete(model, prompts, *, length: int, steps: int, block_size: int = 0, temperature: float = 0.0,
              top_p: float = 1.0, remasking: str = "low_confidence", cfg_scale: float = 0.0, mask_id: int,
-             eos_id: int, pad_id: int, rng: PRNGKeyArray, progress: bool = False) -> list[tuple[list[int], list[int]]]:
+             eos_id: int, pad_id: int, rng: PRNGKeyArray, progress: bool = False, kernel: str = "masked",
+             schedule: str = "linear") -> list[tuple[list[int], list[int]]]:
   """Fills every [MASK] of each prompt (a list of token ids) and generates up to `length` tokens after it.
 
   Returns (the prompt with its masks filled, its continuation cut before the first EOS) per
   prompt. `block_size` 0 means a single block; `steps` must be a multiple of the number of
   blocks and at most `length` (with `length` 0: at most the fewest masks in a prompt);
   see check_settings. `progress`: a step counter on stderr (see the module docstring).
+  `kernel`: the kernel the model was trained with (masked, or uniform with its `schedule`).
   """
+  check_choice("kernel", kernel, KERNELS)
   if not prompts:
     raise UserInputError("prompts is empty; allowed values: a list of token-id lists")
   fewest_masks = min(list(p).count(mask_id) for p in prompts)
@@ -202,15 +267,21 @@ def complete(model, prompts, *, length: int, steps: int, block_size: int = 0, te
   rel_BxT = np.arange(tokens_BxT.shape[1])[None, :] - prompt_len_B[:, None]
   infill_BxT = (rel_BxT < 0) & (tokens_BxT == mask_id)
   seg_BxT = (rel_BxT < length).astype(np.int32)  # prompt and generated span; the rest is padding
-  graphdef, state = nnx.split(model)
-  run = functools.partial(
-      _run_steps, graphdef, state, infill_BxT=jnp.asarray(infill_BxT), prompt_len_B=jnp.asarray(prompt_len_B),
-      rng=rng, length=length, block_size=block_size or max(length, 1), steps_per_block=steps_per_block,
-      temperature=float(temperature), top_p=float(top_p), remasking=remasking, cfg_scale=float(cfg_scale),
-      mask_id=mask_id, eos_id=eos_id, pad_id=pad_id)
+  if kernel == "uniform":
+    x_BxT, run = _uniform_runner(model, tokens_BxT, seg_BxT, prompt_len_B, length=length, steps=steps,
+                                 block_size=block_size, temperature=temperature, top_p=top_p, cfg_scale=cfg_scale,
+                                 schedule=schedule, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, rng=rng)
+  else:
+    graphdef, state = nnx.split(model)
+    run = functools.partial(
+        _run_steps, graphdef, state, infill_BxT=jnp.asarray(infill_BxT), prompt_len_B=jnp.asarray(prompt_len_B),
+        rng=rng, length=length, block_size=block_size or max(length, 1), steps_per_block=steps_per_block,
+        temperature=float(temperature), top_p=float(top_p), remasking=remasking, cfg_scale=float(cfg_scale),
+        mask_id=mask_id, eos_id=eos_id, pad_id=pad_id)
+    x_BxT = jnp.asarray(tokens_BxT)
   num_steps = steps
   chunk = math.ceil(num_steps / PROGRESS_UPDATES) if progress else num_steps
-  x_BxT, seg_BxT = jnp.asarray(tokens_BxT), jnp.asarray(seg_BxT)
+  seg_BxT = jnp.asarray(seg_BxT)
   with progress_lib.bar(total=num_steps, desc="sample", unit="step", enabled=progress) as bar:
     s = 0
     while s < num_steps:

@@ -12,7 +12,9 @@
     logits       float32 [batch, length, vocab]
 
 with batch and length symbolic: one artifact serves every shape. Reload it with jax alone:
-`jax.export.deserialize(data).call(params, tokens, segment_ids, positions)`.
+`jax.export.deserialize(data).call(params, tokens, segment_ids, positions)`. A model with
+`time_embedding` (the uniform kernel) takes one more argument, `t` float32 [batch], the
+diffusion time of each row: forward(params, tokens, segment_ids, positions, t).
 
 The artifact is lowered with XLA attention and the XLA MoE kernels whatever the model's
 `attention` / `moe.backend` say (they only choose kernels, never change the function), so it
@@ -51,11 +53,12 @@ def forward_function(model_cfg):
   graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
   template = nnx.to_pure_dict(params)
 
-  def forward(flat, tokens_BxL, segment_ids_BxL, positions_BxL):
+  def forward(flat, tokens_BxL, segment_ids_BxL, positions_BxL, *time):
     state = jax.tree.map(lambda x: x, params)  # a fresh State to fill
     nnx.replace_by_pure_dict(state, tensor_names.unflatten(flat, template, cfg, jnp.stack))
     model = nnx.merge(graphdef, state, rest)
-    logits_BxLxV, _ = model(tokens_BxL, segment_ids_BxL=segment_ids_BxL, positions_BxL=positions_BxL)
+    t = {"t_B": time[0]} if time else {}
+    logits_BxLxV, _ = model(tokens_BxL, segment_ids_BxL=segment_ids_BxL, positions_BxL=positions_BxL, **t)
     return logits_BxLxV
 
   return forward
@@ -75,8 +78,9 @@ def export_forward(model_cfg, param_specs: dict, platforms=DEFAULT_PLATFORMS) ->
   """The forward pass exported for `platforms`; param_specs: {flat name: ShapeDtypeStruct}."""
   b, l = jax.export.symbolic_shape("b, l", constraints=_constraints(model_cfg))
   ids = jax.ShapeDtypeStruct((b, l), jnp.int32)
+  time = (jax.ShapeDtypeStruct((b,), jnp.float32),) if model_cfg.get("time_embedding", False) else ()
   return jax.export.export(jax.jit(forward_function(model_cfg)), platforms=tuple(platforms))(
-      param_specs, ids, ids, ids)
+      param_specs, ids, ids, ids, *time)
 
 
 def write(exported: jax.export.Exported, path) -> None:

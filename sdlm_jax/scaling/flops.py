@@ -32,7 +32,8 @@ def _ffn_params(m, moe_layer: bool, experts_used) -> int:
   moe = m.moe
   expert = 3 * m.d_model * moe.expert_mlp_dim
   routed = expert * (moe.num_experts if experts_used is None else experts_used)
-  return m.d_model * moe.num_experts + routed + expert * moe.num_shared_experts
+  bias = moe.num_experts if moe.router == "token_choice" and moe.get("bias_update_rate", 0.0) > 0 else 0
+  return m.d_model * moe.num_experts + bias + routed + expert * moe.num_shared_experts
 
 
 def param_counts(m) -> dict:
@@ -43,7 +44,8 @@ def param_counts(m) -> dict:
   the input table (vocab * d_model), included in both; subtract it for non-embedding counts.
   """
   embedding = m.vocab_size * m.d_model
-  shared = embedding + (0 if m.tie_embeddings else embedding) + _norm_params(m)
+  time_mlp = 2 * m.d_model * m.d_model if m.get("time_embedding", False) else 0  # once per row: no FLOPs per token
+  shared = embedding + (0 if m.tie_embeddings else embedding) + _norm_params(m) + time_mlp
   total, active = shared, shared
   for layer in range(m.num_layers):
     moe_layer = is_moe_layer(m, layer)

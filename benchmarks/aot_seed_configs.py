@@ -9,6 +9,11 @@ it). Needs libtpu (`pip install -e ".[tpu]"`); each row compiles the full scanne
   python benchmarks/aot_seed_configs.py                       # 3 configs x v5p-128, v6e-64
   python benchmarks/aot_seed_configs.py --slices v5p-64 --configs dense_1b7,ec_8b1b7a \
       --override model.remat=save_dots
+  python benchmarks/aot_seed_configs.py --arms --slices v5p-128   # every ablation arm (variant) of
+      # configs/openmoe2 and configs/quokka: does each fit its slice, and at what est. step
+
+A config is NAME[:ARG] of a file under configs/ (`openmoe2/` may be left out): `ec_8b1b7a:tc`,
+`quokka/gpt2_1b:uniform`.
 """
 
 import argparse
@@ -21,6 +26,9 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from sdlm_jax import aot  # noqa: E402
 from sdlm_jax.config_files import repo_module  # noqa: E402
+
+ARM_FILES = ("openmoe2/dense_1b7", "openmoe2/dense_8b", "openmoe2/ec_8b1b7a", "openmoe2/multi_epoch",
+             "quokka/gpt2_1b")
 
 CONFIGS = ("dense_1b7", "dense_8b", "ec_8b1b7a")
 BASELINE = "dense_1b7"
@@ -37,12 +45,29 @@ def _override(cfg, assignment: str):
   node[last] = (value.lower() in ("1", "true")) if kind is bool else kind(value)
 
 
+def load(spec: str):
+  name, _, arg = spec.partition(":")
+  module = repo_module(name if "/" in name else f"openmoe2/{name}")
+  cfg = module.get_config(arg)
+  if cfg.data.source == "prepared":  # the unique-token arms: no corpus is read to compile
+    cfg.data.paths = "unused"
+  return cfg
+
+
+def all_arms() -> list[str]:
+  """Every seed config file and each of its named variants (the ablation arms)."""
+  return [f"{name}:{variant}" if variant else name
+          for name in ARM_FILES for variant in ("", *getattr(repo_module(name), "VARIANTS", ()))]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--configs", default=",".join(CONFIGS), help="names in configs/openmoe2/")
   parser.add_argument("--slices", default="v5p-128,v6e-64", help="accelerator types, comma-separated")
   parser.add_argument("--override", action="append", default=[], help="config field=value, for every config")
+  parser.add_argument("--arms", action="store_true", help="every ablation arm instead of --configs")
   args = parser.parse_args()
+  specs = all_arms() if args.arms else args.configs.split(",")
 
   rows = []
   header = ("config", "slice", "params (active)", "batch", "HBM/chip", "FLOPs ratio", "est. step", "MFU",
@@ -51,14 +76,14 @@ def main():
     tpu_slice = aot.parse_slice(slice_name)
     devices = aot.slice_devices(tpu_slice)
     baseline_seconds = float("nan")
-    for name in args.configs.split(","):
-      cfg = repo_module(f"openmoe2/{name}").get_config()
+    for name in specs:
+      cfg = load(name)
       for assignment in args.override:
         _override(cfg, assignment)
       start = time.time()
       r = aot.fit_report(cfg, tpu_slice, devices=devices)
       print(f"[{time.time() - start:.0f} s] {name} on {slice_name}:\n{aot.format_report(r)}\n", flush=True)
-      if name == BASELINE:
+      if name in (BASELINE, f"openmoe2/{BASELINE}"):
         baseline_seconds = r["step_seconds"]
       mem = r["hbm"]["total"] / 2**30
       rows.append((

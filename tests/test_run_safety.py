@@ -249,7 +249,7 @@ def test_a_lock_on_another_host_with_a_recent_heartbeat_is_refused(tmp_path):
 @pytest.mark.parametrize("fields, reason", [
     (lambda: {"pid": _dead_pid()}, "on this host is gone"),
     (lambda: {"host": "tpu-worker-7", "heartbeat_unix": time.time() - 3600}, "last heartbeat was 60 min ago"),
-])
+], ids=["dead_pid_on_this_host", "silent_other_host"])
 def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, capsys, fields, reason):
   _write_lock(str(tmp_path), **fields())
   lock = run_lock.RunLock(str(tmp_path))

@@ -34,11 +34,12 @@ def write_json(workdir: str, name: str, obj) -> str:
 
 
 def save_run_files(workdir: str, cfg, tokenizer):
+  """The first start's tokenizer.model, then config.json (which marks the run as started)."""
   storage.path(workdir).mkdir(parents=True, exist_ok=True)
-  write_json(workdir, CONFIG_FILE, cfg.to_dict())
   target = storage.path(workdir) / TOKENIZER_FILE
   if storage.location(tokenizer.model_path) != str(target):
     storage.copy_file(tokenizer.model_path, target)
+  write_json(workdir, CONFIG_FILE, cfg.to_dict())
 
 
 # Fields added after run directories were first written, with the value that reproduces

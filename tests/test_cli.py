@@ -118,8 +118,8 @@ def test_debug_shows_the_traceback(fake_run):
 
 # Every flag each command defines, with the default --help must show (None: no default shown).
 FLAGS_OF = {
-    "sdlm-train": {"config": f"'{REPO}/configs/demo.py'", "workdir": "'runs/demo'", "distributed": "'false'",
-                   "coordinator_address": None, "num_processes": None, "process_id": None,
+    "sdlm-train": {"config": f"'{REPO}/configs/demo.py'", "workdir": "'runs/demo'", "allow_changed": "''",
+                   "distributed": "'false'", "coordinator_address": None, "num_processes": None, "process_id": None,
                    "distributed_timeout": "'300'", "debug": "'false'"},
     "sdlm-generate": {"workdir": None, "model": None, "step": None, "prompt": "\"['']\"", "length": None, "steps": None, "block_size": None,
                       "temperature": None, "top_p": None, "remasking": None, "cfg_scale": None, "seed": "'0'",

@@ -131,7 +131,9 @@ def test_setup_copies_only_tracked_files(tmp_path):
   # scp SOURCE DEST: keep a copy of the tarball it is given
   fake.write_text(f"""#!/usr/bin/env bash
 echo "$*" >> {log}
-if [ "$4" = scp ]; then for a in "$@"; do case "$a" in *.tar.gz) [ -f "$a" ] && cp "$a" {tmp_path}/sent.tar.gz ;; esac; done; fi
+if [ "$4" = scp ]; then
+  for a in "$@"; do case "$a" in *.tar.gz) [ -f "$a" ] && cp "$a" {tmp_path}/sent.tar.gz ;; esac; done
+fi
 exit 0
 """)
   fake.chmod(0o755)

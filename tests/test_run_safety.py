@@ -186,6 +186,18 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(run_copy, da
 
 
 @pytest.mark.slow
+def test_when_no_checkpoint_restores_the_run_stops_and_keeps_them(run_copy, data_dir):
+  for step in (3, 6):
+    _truncate(_largest_array_file(run_copy, step))
+  proc = _train(run_copy, data_dir, "ec,smoke", "--config.train.num_steps=8")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("sdlm-train: error: no checkpoint in") and "step 6: CorruptCheckpointError" in last
+  assert "step 3: CorruptCheckpointError" in last and "start a new run in another --workdir" in last
+  assert sorted(os.listdir(os.path.join(run_copy, "checkpoints_corrupt"))) == ["3", "6"]
+
+
+@pytest.mark.slow
 def test_a_torn_metrics_line_is_dropped_with_a_warning(run_copy, data_dir):
   whole_lines = len(open(os.path.join(run_copy, "metrics.jsonl")).readlines())
   with open(os.path.join(run_copy, "metrics.jsonl"), "a") as f:
@@ -237,7 +249,7 @@ def test_a_lock_on_another_host_with_a_recent_heartbeat_is_refused(tmp_path):
 @pytest.mark.parametrize("fields, reason", [
     (lambda: {"pid": _dead_pid()}, "on this host is gone"),
     (lambda: {"host": "tpu-worker-7", "heartbeat_unix": time.time() - 3600}, "last heartbeat was 60 min ago"),
-])
+], ids=["dead_pid_on_this_host", "silent_other_host"])
 def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, capsys, fields, reason):
   _write_lock(str(tmp_path), **fields())
   lock = run_lock.RunLock(str(tmp_path))
@@ -304,6 +316,7 @@ def test_sigterm_saves_at_the_step_reached_exits_75_and_the_run_resumes(tmp_path
 
 # ---------------------------------------------------------------- the same on gs://
 
+@pytest.mark.slow
 def test_lock_digests_and_set_aside_work_on_gcs(gcs_emulator, capsys):
   workdir = f"{gcs_emulator}/run"
   first = run_lock.RunLock(workdir)

@@ -56,7 +56,7 @@ def test_train_writes_metrics_checkpoints_and_eval(tmp_path, data_dir, variant):
   train_records = [r for r in records if "loss" in r]
   assert [r["step"] for r in train_records] == list(range(1, 7))
   for r in train_records:
-    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "total_loss", "aux_loss", "step_time_s",
+    for key in ("loss", "lr", "grad_norm", "param_norm", "tokens_per_sec", "total_loss", "aux_loss", "step_time_s",
                 "model_tflops_per_sec_per_device"):
       assert math.isfinite(r[key]), (key, r)
     assert "mfu" not in r  # no peak FLOP/s is known for a CPU

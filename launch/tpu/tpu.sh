@@ -9,7 +9,8 @@
 #   setup    copy this checkout's tracked files to every worker, check its python3 (>= 3.11), install
 #   run      start sdlm-train on every worker in the background: log ~/sdlm_train.log, its PID in
 #            ~/sdlm_train.pid, its exit status in ~/sdlm_train.status when it ends
-#   logs     follow one worker's log (WORKER=0), or WORKER=all: the last LINES lines of every worker's
+#   logs     follow one worker's log (WORKER=0), or with WORKER=all print the last LOG_LINES=50
+#            lines of every worker's log, each line prefixed with the worker's host name
 #   stop     SIGTERM the recorded job on every worker of every slice (it saves a checkpoint, exits 75)
 #   delete   release the queued resource and its TPU VMs
 #   up       create + wait + setup + run
@@ -29,6 +30,8 @@
 #   EXTRA_ARGS=""                  more sdlm-train flags, split at whitespace, e.g. "--config.train.num_steps=10000"
 #   COMPILATION_CACHE=~/jax_cache  JAX persistent compilation cache directory on each worker
 #   DRY_RUN=1                      print the gcloud commands instead of running them
+#   WORKER=0, LOG_LINES=50         logs: which worker (or all), how many lines each
+#   SUPERVISE_INTERVAL=60          supervise: seconds between checks
 #
 # Every value reaches the workers as one argument, whatever it contains (each is quoted with
 # printf %q for the workers' shell). The workers need Python >= 3.11 (jax 0.10): `setup` stops
@@ -200,7 +203,7 @@ logs() {
   if [ "$worker" = "all" ]; then  # every worker of every slice, each line prefixed with its host
     for node in $(nodes); do
       g compute tpus tpu-vm ssh "$node" --worker=all $(loc) \
-        --command="tail -n ${LINES:-50} $LOG | sed \"s/^/[\$(hostname)] /\""
+        --command="tail -n ${LOG_LINES:-50} $LOG | sed \"s/^/[\$(hostname)] /\""
     done
   else
     g compute tpus tpu-vm ssh "$(nodes | head -n 1)" --worker="$worker" $(loc) --command="tail -n 100 -f $LOG"
@@ -267,5 +270,5 @@ case "${1:-}" in
   delete) delete ;;
   up) create; wait_active; setup; run ;;
   supervise) supervise ;;
-  *) sed -n '2,35p' "$0"; exit 2 ;;
+  *) sed -n '2,38p' "$0"; exit 2 ;;
 esac

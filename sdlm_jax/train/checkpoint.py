@@ -8,7 +8,8 @@ Integrity: orbax's default format keeps no checksum of the array data, so once a
 finalized process 0 records a digest of every file of it in <step>/checksums.json (sha256
 locally; on gs:// the object's crc32c, read without a download). A resume checks them before
 restoring; a checkpoint that fails the check or the restore is moved to
-WORKDIR/checkpoints_corrupt/<step> with a warning, and the previous one is tried.
+WORKDIR/checkpoints_corrupt/<step> with a warning, and the previous one is tried
+(docs/run_directories.md).
 """
 
 import json

@@ -7,6 +7,7 @@ say how long and how often (num_steps, log/eval/checkpoint cadence, evaluation, 
 defaults, the device mesh, the local data cache) change freely; the optimizer, gradient
 accumulation and the diffusion objective change only when named in `--allow_changed`. Every
 change made is recorded in config.json's history (sdlm_jax.workdir.append_history).
+docs/run_directories.md has the table of fields.
 """
 
 import json

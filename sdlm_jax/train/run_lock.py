@@ -10,6 +10,7 @@ with a warning.
 Locally the lock is created atomically (a hard link that fails if the file exists). On gs://
 objects have no such primitive through this path layer: the lock is written, then read back to
 check that it is still this process's (two starts within the same second can both pass).
+docs/run_directories.md lists the lock's fields.
 """
 
 import datetime

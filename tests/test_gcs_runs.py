@@ -159,10 +159,11 @@ def test_prepare_train_kill_resume_generate_eval_export_on_gcs(tmp_path, gcs_emu
                 f"--config.train.checkpoint_every={every}")
 
   reference = tmp_path / "reference"  # uninterrupted, on local disk, trained while the gs:// run is killed
-  reference_proc = _start(train(reference), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  reference_log, log = tmp_path / "reference.log", tmp_path / "killed.log"
+  with open(reference_log, "w") as err:
+    reference_proc = _start(train(reference), stdout=subprocess.DEVNULL, stderr=err)
 
   run = f"{bucket}/run"
-  log = tmp_path / "killed.log"
   with open(log, "w") as err:
     child = _start(train(run), stdout=subprocess.DEVNULL, stderr=err)
   try:
@@ -173,8 +174,7 @@ def test_prepare_train_kill_resume_generate_eval_export_on_gcs(tmp_path, gcs_emu
     child.send_signal(signal.SIGKILL)
   finally:
     child.wait(timeout=60)
-  _, reference_err = reference_proc.communicate(timeout=600)
-  assert reference_proc.returncode == 0, reference_err[-3000:]
+  assert reference_proc.wait(timeout=600) == 0, reference_log.read_text()[-3000:]
   assert child.returncode == -signal.SIGKILL
   assert _committed_steps(f"{run}/checkpoints")[-1] < steps
 

@@ -102,6 +102,19 @@ def test_metrics_on_gcs_upload_each_byte_once_and_resume_truncates(gcs_emulator,
   assert restarts == [7]  # TensorBoard drops the first file's points from step 7 on
 
 
+def test_metrics_on_gcs_reach_the_bucket_between_checkpoints_once_the_last_sync_is_old(gcs_emulator, monkeypatch):
+  run = f"{gcs_emulator}/run"
+  writer = metrics_lib.MetricsWriter(run)
+  writer.write(1, {"loss": 2.0})  # the last sync (none yet: the writer's start) is recent
+  assert not storage.path(f"{run}/metrics.jsonl").exists()
+  monkeypatch.setattr(metrics_lib, "SYNC_SECONDS", 0.0)
+  writer.write(2, {"loss": 1.0})  # no sync() call: the train loop makes one only before a checkpoint
+  assert _read(f"{run}/metrics.jsonl").decode() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n'
+  assert _fs().ls(f"{run}/tensorboard")  # its events so far (tensorboardX writes them from a thread of its own)
+  writer.close()
+  assert [(s, v) for tag, s, v in _event_scalars(_read(_fs().ls(f"{run}/tensorboard")[0]))] == [(1, 2.0), (2, 1.0)]
+
+
 def _cli(module, *args):
   return [sys.executable, "-m", f"sdlm_jax.cli.{module}", *args]
 

@@ -7,6 +7,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # benchmark or a second test process compile at the same time.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+import atexit
 import importlib.util
 import socket
 import subprocess
@@ -22,8 +23,9 @@ def _gcs_server():
   """One local Cloud Storage server (gcp-storage-emulator, with the download headers Cloud Storage
   sends: see tests/gcs_emulator.py) for the whole session, with a bucket `sdlmtest`; its URL.
 
-  It outlives each test: a reader thread a test leaves behind (grain prefetching ArrayRecord
-  shards) finishes against it instead of retrying a dead server for minutes at interpreter exit."""
+  It outlives the tests: a reader thread a test leaves behind (grain prefetching ArrayRecord
+  shards) finishes against it instead of retrying a dead server for minutes. The interpreter
+  joins such threads before it runs atexit functions, so the server is stopped by one of those."""
   if importlib.util.find_spec("gcp_storage_emulator") is None:
     pytest.skip("gcp-storage-emulator is not installed (pip install -e '.[test]')")
   with socket.socket() as s:
@@ -42,10 +44,11 @@ def _gcs_server():
       if time.time() > deadline or server.poll() is not None:
         pytest.fail("the GCS emulator did not start within 30 s")
       time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-  finally:
+  except BaseException:
     server.kill()
-    server.wait()
+    raise
+  atexit.register(lambda: (server.kill(), server.wait()))
+  return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture()

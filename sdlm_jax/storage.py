@@ -4,6 +4,8 @@ Every path the library reads or writes for the user (run directories, data files
 models, exports) goes through `path()`, which gives an `epath.Path`: a pathlib-like object
 for local files and for `gs://bucket/...` objects alike (gs:// through gcsfs, installed with
 etils[epath-gcs]). orbax takes the same paths and writes array data through tensorstore.
+Files are written whole (`write_bytes`: never half a file for a reader) or appended to
+(`append_bytes`: on gs:// the new bytes are composed onto the object, costing only their upload).
 
 STORAGE_EMULATOR_HOST (the Cloud Storage client libraries' standard variable, e.g.
 `http://127.0.0.1:9023`) points every gs:// access at a local emulator; `configure_emulator`

@@ -102,6 +102,19 @@ def test_metrics_on_gcs_upload_each_byte_once_and_resume_truncates(gcs_emulator,
   assert restarts == [7]  # TensorBoard drops the first file's points from step 7 on
 
 
+def test_metrics_on_gcs_reach_the_bucket_between_checkpoints_once_the_last_sync_is_old(gcs_emulator, monkeypatch):
+  run = f"{gcs_emulator}/run"
+  writer = metrics_lib.MetricsWriter(run)
+  writer.write(1, {"loss": 2.0})  # the last sync (none yet: the writer's start) is recent
+  assert not storage.path(f"{run}/metrics.jsonl").exists()
+  monkeypatch.setattr(metrics_lib, "SYNC_SECONDS", 0.0)
+  writer.write(2, {"loss": 1.0})  # no sync() call: the train loop makes one only before a checkpoint
+  assert _read(f"{run}/metrics.jsonl").decode() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n'
+  assert _fs().ls(f"{run}/tensorboard")  # its events so far (tensorboardX writes them from a thread of its own)
+  writer.close()
+  assert [(s, v) for tag, s, v in _event_scalars(_read(_fs().ls(f"{run}/tensorboard")[0]))] == [(1, 2.0), (2, 1.0)]
+
+
 def _cli(module, *args):
   return [sys.executable, "-m", f"sdlm_jax.cli.{module}", *args]
 
@@ -159,10 +172,11 @@ def test_prepare_train_kill_resume_generate_eval_export_on_gcs(tmp_path, gcs_emu
                 f"--config.train.checkpoint_every={every}")
 
   reference = tmp_path / "reference"  # uninterrupted, on local disk, trained while the gs:// run is killed
-  reference_proc = _start(train(reference), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  reference_log, log = tmp_path / "reference.log", tmp_path / "killed.log"
+  with open(reference_log, "w") as err:
+    reference_proc = _start(train(reference), stdout=subprocess.DEVNULL, stderr=err)
 
   run = f"{bucket}/run"
-  log = tmp_path / "killed.log"
   with open(log, "w") as err:
     child = _start(train(run), stdout=subprocess.DEVNULL, stderr=err)
   try:
@@ -173,8 +187,7 @@ def test_prepare_train_kill_resume_generate_eval_export_on_gcs(tmp_path, gcs_emu
     child.send_signal(signal.SIGKILL)
   finally:
     child.wait(timeout=60)
-  _, reference_err = reference_proc.communicate(timeout=600)
-  assert reference_proc.returncode == 0, reference_err[-3000:]
+  assert reference_proc.wait(timeout=600) == 0, reference_log.read_text()[-3000:]
   assert child.returncode == -signal.SIGKILL
   assert _committed_steps(f"{run}/checkpoints")[-1] < steps
 
@@ -198,9 +211,9 @@ def test_prepare_train_kill_resume_generate_eval_export_on_gcs(tmp_path, gcs_emu
   gcs_eval = json.loads(_read(f"{run}/eval.json"))
   assert gcs_eval == json.loads((local / "eval.json").read_text()) and gcs_eval["step"] == steps
 
-  _run(_cli("export", f"--workdir={run}", f"--out={bucket}/export", "--formats=orbax,safetensors"))
-  assert {p.split("/")[-1] for p in _fs().ls(f"{bucket}/export")} >= {"config.json", "tokenizer.model", "params",
-                                                                      "model.safetensors"}
+  _run(_cli("export", f"--workdir={run}", f"--out={bucket}/export", "--platforms=cpu"))  # every format
+  assert {p.split("/")[-1] for p in _fs().ls(f"{bucket}/export")} >= {
+      "config.json", "tokenizer.model", "params", "model.safetensors", "forward.jax_export"}
   from_export = _run(_cli("generate", f"--model={bucket}/export", *prompts))
   assert from_export.stdout == from_gcs.stdout
   print(f"gs:// cycle: {time.time() - started:.0f} s")

@@ -7,10 +7,13 @@ not whole JSON (torn by a crash mid-write) is dropped with a warning.
 On a gs:// work dir (objects there cannot be appended to, and tensorboardX writes local files
 only) both are written to a local staging folder and copied up by `sync()`, which the train
 loop calls before every checkpoint save and at the end: whatever a resume keeps (every line up
-to the restored checkpoint's step) is in the bucket before that checkpoint exists. A sync
-uploads only the bytes each staged file gained since the last one and composes them onto the
-end of its object (`storage.append_bytes`), so a long run's syncs cost its metrics' size once,
-not once per checkpoint.
+to the restored checkpoint's step) is in the bucket before that checkpoint exists; a write also
+syncs when the last sync is SYNC_SECONDS old, so TensorBoard on the bucket follows a run whose
+checkpoints are far apart. A sync uploads only the bytes each staged file gained since the last
+one and composes them onto the end of its object (`storage.append_bytes`), so a long run's syncs
+cost its metrics' size once, not once per sync. (tensorboardX writes events from a thread of its
+own, so the bucket's event file may end mid-record until the next sync: TensorBoard reads up to
+the last whole record; `close()` drains it and syncs last.)
 """
 
 import json
@@ -18,6 +21,7 @@ import math
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 
 import jax
@@ -28,6 +32,7 @@ from sdlm_jax import storage
 
 # Peak dense bf16 FLOP/s of GPUs by device kind (public spec sheets; TPU chips: pallas_kernels.target).
 _GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+SYNC_SECONDS = 60.0  # gs:// work dir: the longest a logged metric waits before it is in the bucket
 
 
 def summarize(step_metrics: list[dict]) -> dict:
@@ -85,6 +90,7 @@ class MetricsWriter:
     self.path = str(self._local / "metrics.jsonl")
     self._tb = None
     self._synced = {}  # staged file -> bytes of it already in the bucket (gs:// only)
+    self._last_sync = time.monotonic()
     if not enabled:
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
@@ -122,6 +128,7 @@ class MetricsWriter:
     """Copies the staged metrics.jsonl and TensorBoard files up to a gs:// work dir (locally: nothing to do)."""
     if not (self.enabled and self._remote):
       return
+    self._last_sync = time.monotonic()
     if self._tb is not None:
       self._tb.flush()
     if storage.path(self.path).exists():
@@ -153,6 +160,8 @@ class MetricsWriter:
         for e, share in enumerate(v):
           self._tb.add_scalar(f"router/expert_load/{e:03d}", share, step)
     self._tb.flush()
+    if self._remote and time.monotonic() - self._last_sync >= SYNC_SECONDS:
+      self.sync()
 
   def close(self):
     if self._tb is not None:

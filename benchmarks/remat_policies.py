@@ -3,8 +3,8 @@ figures for each; sdlm_jax/aot.py), to choose a config's default.
 
 For each policy: HBM per chip (of the chip's capacity), compiled over analytic FLOPs, XLA's
 estimated step time, the MFU and tokens/s/chip it implies. The policy to choose is the
-fastest whose HBM stays under --margin of the chip's (room for the runtime, fragmentation
-and XLA's own estimates being off); it is marked with *. Needs libtpu; each row compiles
+fastest whose HBM stays under --margin of the chip's (default a quarter: room for twice the
+batch, for v6e's 32 GiB, for the runtime and for XLA's estimates being off); it is marked *. Needs libtpu; each row compiles
 the full scanned step plus two small unrolled ones (a few CPU minutes per row).
 
   python benchmarks/remat_policies.py                                  # dense_1b7, v5p-128, splash
@@ -51,7 +51,7 @@ def main():
   parser.add_argument("--attention", default="auto", help="model.attention (auto is splash on TPU)")
   parser.add_argument("--policies", default=",".join(POLICIES), help="model.remat values, comma-separated")
   parser.add_argument("--batch_size", type=int, default=None, help="global batch (default: the config's)")
-  parser.add_argument("--margin", type=float, default=0.8, help="HBM fraction a chosen policy may use")
+  parser.add_argument("--margin", type=float, default=0.25, help="HBM fraction a chosen policy may use")
   args = parser.parse_args()
 
   rows = rows_for(args.config, args.slice, args.attention, args.policies.split(","), args.batch_size)

@@ -217,7 +217,7 @@ def test_scanned_layers_equal_unrolled_layers(variant):
   np.testing.assert_allclose(float(aux_b["aux_loss"]), float(aux_a["aux_loss"]), rtol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["full", "minimal", "minimal_with_context", "save_dot_except_mlp", "save_dots",
+@pytest.mark.parametrize("remat", ["full", "minimal", "save_dot_except_mlp", "save_dots",
                                    "save_dots_no_batch"])
 def test_remat_policies_change_memory_not_gradients(remat):
   cfg = _model_cfg("ec,smoke", remat="none")

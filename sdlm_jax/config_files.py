@@ -7,6 +7,7 @@ Config files are plain Python files that build on `sdlm_jax.defaults.get_base_co
 anywhere on disk works exactly like the repository's.
 """
 
+import difflib
 import hashlib
 import importlib.util
 import os
@@ -33,6 +34,23 @@ def load_module(path: str) -> types.ModuleType:
 def repo_module(name: str) -> types.ModuleType:
   """A config file of the repository by name: "demo", "openmoe2/ec_8b1b7a"."""
   return load_module(os.path.join(REPO_CONFIGS, f"{name}.py"))
+
+
+def field_error(config: ml_collections.ConfigDict, path: str) -> str | None:
+  """Why the dotted `path` names no field of `config` (the section, the close match, its
+  fields), or None when it does: the check behind --config.a.b overrides and sdlm-sweep --set."""
+  node, walked = config, []
+  for key in path.split("."):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return f"{'.'.join(walked)} is a value, not a config section"
+    if key not in node:
+      fields = sorted(node.keys())
+      where = f"config section {'.'.join(walked)!r}" if walked else "the config"
+      close = difflib.get_close_matches(key, fields, n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      return f"{where} has no field {key!r}{hint}; its fields: {', '.join(fields)}"
+    node, walked = node[key], walked + [key]
+  return None
 
 
 def load(spec: str) -> ml_collections.ConfigDict:

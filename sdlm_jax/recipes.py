@@ -68,6 +68,15 @@ def dense_1b7():
   return c
 
 
+def dense_8b_shape(m):
+  """The 8B dense model's shape on a dense_1b7 model section: 32 layers, d 4096, 32 heads x 128,
+  SwiGLU 14336 (vocab 50289, untied: 8.19B parameters); the common 8B shape, as the seeds give none."""
+  m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.head_dim = 32, 4096, 32, 32, 128
+  m.mlp_dim = 14336
+  m.vocab_size, m.tie_embeddings = 50289, False
+  return m
+
+
 def gpt2_1b():
   """Quokka's 1B "gpt2" DLM: 26 layers, d 1792, 14 heads x 128, SwiGLU 4736, vocab 50269, tied
   embeddings; the seeds' shared training setup otherwise (dense_1b7's), 96B tokens in one epoch."""

@@ -24,12 +24,6 @@ UNIQUE_TOKENS = 1_000_000_000
 EPOCHS = 96
 
 
-def _dense8b(c):
-  m = c.model
-  m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim = 32, 4096, 32, 32, 14336
-  m.vocab_size, m.tie_embeddings = 50289, False
-
-
 def _moe8b1a(c):
   moe = c.model.moe
   moe.num_experts = 96
@@ -38,7 +32,7 @@ def _moe8b1a(c):
   recipes.to_token_choice(c)
 
 
-VARIANTS = {"dense1b": lambda c: None, "dense8b": _dense8b, "moe8b1a": _moe8b1a}
+VARIANTS = {"dense1b": lambda c: None, "dense8b": lambda c: recipes.dense_8b_shape(c.model), "moe8b1a": _moe8b1a}
 
 
 def get_config(arg: str = ""):

@@ -14,7 +14,6 @@ the module that defines the flags.
 """
 
 import argparse
-import difflib
 import functools
 import os
 import re
@@ -25,6 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
+from sdlm_jax import config_files
 from sdlm_jax.errors import UserInputError
 
 FLAGS = flags.FLAGS
@@ -103,17 +103,9 @@ def _unknown_override(config, argv) -> str | None:
     match = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
     if not match:
       continue
-    path, node, walked = match.group(1), config, []
-    for key in path.split("."):
-      if not isinstance(node, ml_collections.ConfigDict):
-        return f"--config.{path}: {'.'.join(walked)} is a value, not a config section"
-      if key not in node:
-        fields = sorted(node.keys())
-        where = f"config section {'.'.join(walked)!r}" if walked else "the config"
-        close = difflib.get_close_matches(key, fields, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"--config.{path}: {where} has no field {key!r}{hint}; its fields: {', '.join(fields)}"
-      node, walked = node[key], walked + [key]
+    error = config_files.field_error(config, match.group(1))
+    if error:
+      return f"--config.{match.group(1)}: {error}"
   return None
 
 

@@ -18,7 +18,7 @@ import sys
 
 from sdlm_jax.cli import common
 from sdlm_jax.errors import UserInputError
-from sdlm_jax.sweep import plots, runner, summary
+from sdlm_jax.sweep import plots, run_dir, runner, summary
 
 PROG = "sdlm-sweep"
 
@@ -50,14 +50,12 @@ def expand(specs: list[str]) -> list[str]:
   return out
 
 
-def report(runs, out_dir: str, draw: bool) -> str:
-  """Rewrites the summary tables (and plots); returns the Markdown table."""
+def report(runs, out_dir: str) -> tuple[str, dict]:
+  """Rewrites the summary tables; returns the Markdown table and the runs' records."""
   records = runner.collect(runs)
-  rows = [runner.run_dir.summary_row(run.name, run.spec, records[run.name]) for run in runs if run.name in records]
+  rows = [run_dir.summary_row(run.name, run.spec, records[run.name]) for run in runs if run.name in records]
   summary.write(rows, out_dir)
-  if draw and records:
-    plots.plot_runs(records, f"{out_dir}/plots")
-  return summary.markdown(rows)
+  return summary.markdown(rows), records
 
 
 def main(argv=None) -> int:
@@ -68,20 +66,21 @@ def main(argv=None) -> int:
     common.fail(PROG, str(err))
   if args.dry_run:
     for run in runs:
-      records = runner.run_dir.read(run.workdir)
+      records = run_dir.read(run.workdir)
       state = ("new" if records is None else "finished: skipped" if records.finished
                else f"resumes at step {records.last_step}/{records.num_steps}")
       print(f"{run.name:32s} {state:32s} {run.spec}  ->  {run.workdir}")
     return 0
-  failed = []
+  failed, table, records = [], "", {}
   for i, run in enumerate(runs, 1):
     print(f"[{i}/{len(runs)}] {run.name}: {run.spec} -> {run.workdir}", flush=True)
     status = runner.execute(run)
     print(f"[{i}/{len(runs)}] {run.name}: {status}", flush=True)
     if status.startswith("failed"):
       failed.append(run.name)
-    report(runs, args.workdir, draw=False)
-  table = report(runs, args.workdir, draw=not args.noplots)
+    table, records = report(runs, args.workdir)
+  if records and not args.noplots:
+    plots.plot_runs(records, f"{args.workdir}/plots")
   print(table)
   print(f"tables: {args.workdir}/summary.csv, {args.workdir}/summary.md" +
         ("" if args.noplots else f"; plots: {args.workdir}/plots/"))

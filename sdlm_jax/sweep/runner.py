@@ -45,14 +45,9 @@ def _check_override(override: str, cfg: ml_collections.ConfigDict):
   key, sep, _ = override.partition("=")
   if not sep or not key:
     raise UserInputError(f"--set {override!r}: expected key=value, e.g. --set train.num_steps=100")
-  node = cfg
-  for i, part in enumerate(key.split(".")):
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      section = ".".join(key.split(".")[:i]) or "the config"
-      fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      raise UserInputError(f"--set {override!r}: {section} has no field {part!r}"
-                           + (f"; its fields: {', '.join(fields)}" if fields else ""))
-    node = node[part]
+  error = config_files.field_error(cfg, key)
+  if error:
+    raise UserInputError(f"--set {override!r}: {error}")
 
 
 def plan(specs: list[str], out_dir: str, overrides: list[str]) -> list[SweepRun]:

@@ -38,6 +38,7 @@ from flax.core import spmd as core_spmd
 from jax.ad_checkpoint import checkpoint_name
 
 import pallas_kernels
+from pallas_kernels import target
 from sdlm_jax.model import routing
 from sdlm_jax.model.layers import ACT_BLD, dtype_of, param, zeros_param
 from sdlm_jax.model.mlp import SwiGLU
@@ -114,15 +115,34 @@ class MoE(nnx.Module):
     return constrain(y_BxLxD, ACT_BLD), {"load_balance_loss": balance, "z_loss": z_loss}, stats
 
   def _experts(self, xe_GxExCxD, gates_GxExC):
-    """Every expert's SwiGLU over its C dispatched tokens, scaled by their gates: three batched einsums."""
+    """Every expert's SwiGLU over its C dispatched tokens, scaled by their gates: three batched einsums.
+
+    On CPU the buffer is first laid out expert-major, [E, G*C, D]: each einsum is then a plain
+    batched matmul, where the [G, E, C, D] form makes XLA's CPU backend transpose operands around
+    every expert matmul (the demo's EC step ran ~10% slower; benchmarks/train_throughput.py).
+    Elsewhere XLA picks the layouts itself and the sharded [G, E, C, D] form stays.
+    """
     dt = self.dtype
     xe_GxExCxD = constrain(xe_GxExCxD.astype(dt), _ACT_GECD)
-    gate_GxExCxF = checkpoint_name(jnp.einsum("gecd,edf->gecf", xe_GxExCxD, self.w_gate[...].astype(dt)), "mlpwi_0")
-    up_GxExCxF = checkpoint_name(jnp.einsum("gecd,edf->gecf", xe_GxExCxD, self.w_up[...].astype(dt)), "mlpwi_1")
-    h_GxExCxF = jax.nn.silu(gate_GxExCxF) * up_GxExCxF * gates_GxExC[..., None].astype(dt)
-    h_GxExCxF = constrain(h_GxExCxF, _ACT_GECF)
-    return checkpoint_name(constrain(jnp.einsum("gecf,efd->gecd", h_GxExCxF, self.w_down[...].astype(dt)), _ACT_GECD),
-                           "mlpwo")
+    if target.platform() == "cpu":
+      g, e, c, d = xe_GxExCxD.shape
+      xe_ExMxD = jnp.swapaxes(xe_GxExCxD, 0, 1).reshape(e, g * c, d)
+      gates_ExM = jnp.swapaxes(gates_GxExC, 0, 1).reshape(e, g * c)
+      ye_ExMxD = self._swiglu(xe_ExMxD, gates_ExM, "emd,edf->emf", "emf,efd->emd")
+      return jnp.swapaxes(ye_ExMxD.reshape(e, g, c, d), 0, 1)
+    return self._swiglu(xe_GxExCxD, gates_GxExC, "gecd,edf->gecf", "gecf,efd->gecd", (_ACT_GECF, _ACT_GECD))
+
+  def _swiglu(self, xe, gates, eq_in: str, eq_out: str, axes=None):
+    """silu(xe W_gate) * (xe W_up) * gate, then W_down, over an expert buffer whose einsum
+    subscripts are `eq_in` / `eq_out`; `axes` = (hidden, output) logical axes to constrain to.
+    The projections' outputs are named for the remat policies."""
+    dt = self.dtype
+    keep = (lambda x, _: x) if axes is None else constrain
+    hidden_axes, out_axes = axes or (None, None)
+    gate = checkpoint_name(jnp.einsum(eq_in, xe, self.w_gate[...].astype(dt)), "mlpwi_0")
+    up = checkpoint_name(jnp.einsum(eq_in, xe, self.w_up[...].astype(dt)), "mlpwi_1")
+    hidden = keep(jax.nn.silu(gate) * up * gates[..., None].astype(dt), hidden_axes)
+    return checkpoint_name(keep(jnp.einsum(eq_out, hidden, self.w_down[...].astype(dt)), out_axes), "mlpwo")
 
   def _expert_choice(self, x_BxLxD, logits_BxLxE, token_mask_BxL):
     moe = self.moe

@@ -17,9 +17,9 @@ import numpy as np
 from clu import parameter_overview
 from flax import nnx
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from sdlm_jax import config as config_lib
+from sdlm_jax import progress as progress_lib
 from sdlm_jax import storage
 from sdlm_jax import workdir as workdir_lib
 from sdlm_jax.data import pipeline
@@ -166,8 +166,8 @@ def _train(cfg, workdir: str, *, progress: bool, allow_changed) -> dict:
 
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
   pending = _Pending(tokens_per_step, flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step)
-  bar = tqdm(total=cfg.train.num_steps, initial=start_step, disable=not (progress and is_main),
-             desc="train", unit="step", dynamic_ncols=True)
+  bar = progress_lib.bar(total=cfg.train.num_steps, initial=start_step, desc="train", unit="step",
+                         enabled=progress and is_main, terminal_only=False)
   last = {}
   epochs = _Epochs(tokens_per_step, epoch_tokens, cfg.eval.every_epochs)
   agree_on_end = cfg.data.num_epochs != -1 and jax.process_count() > 1

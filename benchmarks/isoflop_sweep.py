@@ -1,24 +1,25 @@
 """IsoFLOP sweep of the demo family: plan, train every point with sdlm-train, fit and plot.
 
-  python benchmarks/isoflop_sweep.py [--budgets 1e15,3e15,1e16] [--sizes 4] [--out runs/isoflop]
+  python benchmarks/isoflop_sweep.py [--budgets 2e12,5e12,1.25e13] [--sizes 4] [--out runs/isoflop]
   python benchmarks/isoflop_sweep.py --smoke        # 2 tiny budgets x 3 sizes of the smoke model, minutes
 
-1. `sdlm-scaling isoflop` plans the sweep from configs/demo.py (sdlm_jax/scaling/plan.py: layers =
-   heads, d_model = layers x 64, FFN ratios of the demo; steps from the exact FLOPs count) and
-   writes one config per (budget, size) and sweep.json into OUT/configs.
+1. `sdlm-scaling isoflop` plans the sweep from the demo's dense model (configs/demo.py:dense)
+   with --head_dim 16 (sdlm_jax/scaling/plan.py: layers = heads, d_model = layers x 16, the demo's
+   FFN ratio 3; steps from the exact FLOPs count) and writes one config per (budget, size) and
+   sweep.json into OUT/configs.
 2. `sdlm-sweep` trains every config in OUT/runs/NAME (an interrupted sweep resumes: finished
    runs are kept, a run with checkpoints resumes from them) and writes its summary and plots.
 3. OUT/runs.csv gets one row per run: params (active), tokens, loss (the validation ELBO bound
    in nats/token from eval.json), budget; then `sdlm-scaling fit` fits the parametric law and the
    IsoFLOP power laws and writes OUT/isoflop.png and OUT/frontier.png.
 
-The default budgets put the Quokka prior's N_opt (1.1M-3.6M parameters) among the demo family's
-2-8 layer members (0.66M-26M), so the IsoFLOP curves can have their minimum inside the sweep.
-That is ~5.6e16 FLOPs in all: weeks at the demo's ~6e10 FLOP/s on the 2-core CPU machine, meant
-for an accelerator. The embedded Shakespeare corpus (~2M training tokens) is repeated many times
-at those budgets (the table's epochs column), which makes the sweep data-constrained rather than
-the compute-constrained setting the IsoFLOP method assumes: pass --data_paths to train on text
-files of your own (data.source=text_files). Not run here beyond --smoke.
+The defaults fit a 2-core CPU machine in about an hour: budgets 2e12, 5e12 and 1.25e13 FLOPs
+(7.8e13 in all, 21K steps), where Quokka's law puts N_opt at 45K-115K parameters. The demo's own width
+(head_dim 64) starts at 1M parameters, so the family here uses head_dim 16: 2, 4, 6 and 8
+layers are 90K, 330K, 860K and 1.8M active parameters (the tied 2048-token embedding included,
+which is most of the smallest). This is a toy-scale law: tiny models, a 2M-token corpus repeated
+up to ~10 times by the smallest model at the largest budget, one seed, one learning rate for
+every size. It shows the method end to end; its coefficients say nothing about real scales.
 """
 
 import argparse
@@ -34,7 +35,7 @@ from sdlm_jax.cli import scaling as scaling_cli  # noqa: E402
 from sdlm_jax.cli import sweep as sweep_cli  # noqa: E402
 from sdlm_jax.scaling import plan  # noqa: E402
 
-SMOKE = {"base": "configs/demo.py:ec,smoke", "budgets": "1e11,3e11", "sizes": 3, "bootstrap": 20}
+SMOKE = {"base": "configs/demo.py:ec,smoke", "head_dim": 32, "budgets": "1e11,3e11", "sizes": 3, "bootstrap": 20}
 
 
 def _train_tokens(config_path):
@@ -47,8 +48,9 @@ def _train_tokens(config_path):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--base", default="configs/demo.py")
-  parser.add_argument("--budgets", default="1e15,3e15,1e16")
+  parser.add_argument("--base", default="configs/demo.py:dense")
+  parser.add_argument("--head_dim", type=int, default=16, help="the family's d_model / layers")
+  parser.add_argument("--budgets", default="2e12,5e12,1.25e13")
   parser.add_argument("--sizes", type=int, default=4)
   parser.add_argument("--out", default="runs/isoflop")
   parser.add_argument("--bootstrap", type=int, default=200)
@@ -56,14 +58,14 @@ def main():
   parser.add_argument("--smoke", action="store_true", help=f"a minutes-long check: {SMOKE}")
   args = parser.parse_args()
   if args.smoke:
-    args.base, args.budgets = SMOKE["base"], SMOKE["budgets"]
+    args.base, args.head_dim, args.budgets = SMOKE["base"], SMOKE["head_dim"], SMOKE["budgets"]
     args.sizes, args.bootstrap = SMOKE["sizes"], SMOKE["bootstrap"]
     args.out = args.out if args.out != "runs/isoflop" else "runs/isoflop_smoke"
   os.chdir(REPO)  # the configs' data.data_dir is relative to the repository
   out = os.path.abspath(args.out)
   config_dir = os.path.join(out, "configs")
   scaling_cli.main(["isoflop", "--budgets", args.budgets, "--sizes", str(args.sizes), "--base", args.base,
-                    "--out", config_dir])
+                    "--head_dim", str(args.head_dim), "--out", config_dir])
   with open(os.path.join(config_dir, plan.MANIFEST)) as f:
     points = json.load(f)["points"]
   sets = ["data.source=text_files", f"data.paths={args.data_paths}"] if args.data_paths else []

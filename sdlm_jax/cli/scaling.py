@@ -243,6 +243,10 @@ def _cmd_isoflop(args, parser):
     base = plan.load_config_file(args.base)
   except (ValueError, AttributeError, ImportError) as err:
     parser.error(str(err) if str(err).startswith("--base") else f"--base={args.base!r}: {err}")
+  if args.head_dim is not None:
+    if args.head_dim < 1:
+      parser.error(f"--head_dim={args.head_dim}; allowed values: an integer >= 1")
+    base.model.head_dim = args.head_dim
   try:
     points, skipped = plan.plan_sweep(base, args.budgets, args.sizes, args.span)
   except ValueError as err:
@@ -290,6 +294,8 @@ def build_parser():
   i.add_argument("--base", required=True, help="base config FILE[:ARG], e.g. configs/demo.py")
   i.add_argument("--out", required=True, help="folder for the configs and sweep.json")
   i.add_argument("--span", type=float, default=10.0, help="largest / smallest target size per budget")
+  i.add_argument("--head_dim", type=int, help="the family's head_dim = d_model / layers (default: the base's); "
+                 "smaller values give smaller members for small budgets")
   return parser
 
 

@@ -182,18 +182,29 @@ def _ec_ffn_kernel(x_GxNxD, token_idx_GxExC, gates_GxExC, w_gate, w_up, w_down, 
 
 
 def _ec_ffn_kernel_fwd(x_GxNxD, token_idx_GxExC, gates_GxExC, w_gate, w_up, w_down, tiles, interpret):
-  out = _ec_ffn_kernel(x_GxNxD, token_idx_GxExC, gates_GxExC, w_gate, w_up, w_down, tiles, interpret)
-  return out, (x_GxNxD, token_idx_GxExC, gates_GxExC, w_gate, w_up, w_down)
+  """The kernel also writes the gathered rows and the gate/up projections: the backward pass
+  needs them, and reading them back is cheaper than a second gather and two matmuls."""
+  out, rows, gate, up = ec_ffn_tpu.ec_ffn(x_GxNxD, token_idx_GxExC, gates_GxExC, w_gate, w_up, w_down,
+                                          tiles=tiles, interpret=interpret, residuals=True)
+  return out, (x_GxNxD.shape[1], token_idx_GxExC, gates_GxExC, w_gate, w_up, w_down, rows, gate, up)
 
 
 def _ec_ffn_kernel_bwd(tiles, interpret, residuals, grad_GxExCxD):
-  """XLA: the rows are gathered again and the three einsums differentiated (the hidden
-  activations are recomputed, not saved); the row gradient is scatter-added to the tokens."""
+  """XLA, from the kernel's saved rows and gate/up projections (no gather, no recomputed matmul):
+  autodiff of silu(gate) * up * g @ w_down, then the gate/up weight and row gradients as einsums;
+  the row gradient is scatter-added to the tokens (`ec_dispatch`'s transpose)."""
   del tiles, interpret
-  x_GxNxD, token_idx_GxExC, gates_GxExC, w_gate, w_up, w_down = residuals
-  ffn = lambda x, g, wg, wu, wd: reference.ec_ffn(x, token_idx_GxExC, g, wg, wu, wd)
-  _, vjp = jax.vjp(ffn, x_GxNxD, gates_GxExC, w_gate, w_up, w_down)
-  d_x, d_gates, d_wg, d_wu, d_wd = vjp(grad_GxExCxD.astype(x_GxNxD.dtype))
+  tokens, token_idx_GxExC, gates_GxExC, w_gate, w_up, w_down, rows_GxExCxD, gate_GxExCxF, up_GxExCxF = residuals
+  grad_GxExCxD = grad_GxExCxD.astype(rows_GxExCxD.dtype)
+
+  def down(gate, up, g, wd):
+    return jnp.einsum("gecf,efd->gecd", jax.nn.silu(gate) * up * g[..., None], wd)
+  _, vjp = jax.vjp(down, gate_GxExCxF, up_GxExCxF, gates_GxExC, w_down)
+  d_gate, d_up, d_gates, d_wd = vjp(grad_GxExCxD)
+  d_wg = jnp.einsum("gecd,gecf->edf", rows_GxExCxD, d_gate)
+  d_wu = jnp.einsum("gecd,gecf->edf", rows_GxExCxD, d_up)
+  d_rows = jnp.einsum("gecf,edf->gecd", d_gate, w_gate) + jnp.einsum("gecf,edf->gecd", d_up, w_up)
+  d_x = reference.ec_combine(d_rows, token_idx_GxExC, None, tokens)
   return d_x, None, d_gates, d_wg, d_wu, d_wd
 
 

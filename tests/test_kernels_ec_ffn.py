@@ -104,6 +104,8 @@ def test_tile_model_fits_the_vmem_budget_at_the_seed_size():
     assert p.vmem_bytes <= ec_ffn_tpu.VMEM_BUDGET
     assert p.tf == 640  # each expert's weights stay resident across its C tiles: fetched once
     assert p.hbm_bytes == 64 * 3 * 2048 * 640 * 2 + 64 * 2048 * (2048 * 4 + 8)
+    with_residuals = ec_ffn_tpu.plan(1, 64, 2048, 2048, 640, 2, 2, chip=target.CHIPS[chip], residuals=True)
+    assert with_residuals.vmem_bytes <= ec_ffn_tpu.VMEM_BUDGET and with_residuals.tf == 640
 
 
 def test_moe_layer_with_the_kernel_matches_the_xla_path():
@@ -132,22 +134,36 @@ def test_moe_layer_with_the_kernel_matches_the_xla_path():
 SEED = dict(groups=1, tokens=16384, experts=64, capacity=2048, d=2048, f=640)  # 8 x 2048 tokens per chip, top_k 8
 
 
+def _seed_fn(backward):
+  if not backward:
+    return lambda *a: pk.ec_ffn(*a, backend="pallas")
+
+  def fwd_bwd(x, idx, gates, wg, wu, wd):
+    out, vjp = jax.vjp(lambda *a: pk.ec_ffn(a[0], idx, *a[1:], backend="pallas"), x, gates, wg, wu, wd)
+    return out, vjp(out)
+  return fwd_bwd
+
+
 @pytest.mark.tpu_aot
+@pytest.mark.parametrize("backward", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
-def test_mosaic_compiles_at_the_seed_size_and_declares_its_flops(topology):
-  """One Mosaic kernel, its VMEM (libtpu's report) within the granted scoped VMEM and the chip,
-  and XLA's flop count of the compiled program = the declared 6*C*D*F*E."""
+def test_mosaic_compiles_at_the_seed_size_and_declares_its_flops(topology, backward):
+  """One Mosaic kernel (forward; with the backward, the variant that also writes the residuals),
+  its VMEM (libtpu's report) within the granted scoped VMEM and the chip, and (forward) XLA's
+  flop count of the compiled program = the declared 6*C*D*F*E."""
   pytest.importorskip("jax.experimental.topologies")
   s, bf16 = SEED, jnp.bfloat16
   shapes = [((s["groups"], s["tokens"], s["d"]), bf16), ((s["groups"], s["experts"], s["capacity"]), jnp.int32),
             ((s["groups"], s["experts"], s["capacity"]), bf16), ((s["experts"], s["d"], s["f"]), bf16),
             ((s["experts"], s["d"], s["f"]), bf16), ((s["experts"], s["f"], s["d"]), bf16)]
-  compiled = aot.compile_on(topology, lambda *a: pk.ec_ffn(*a, backend="pallas"), *shapes)
+  compiled = aot.compile_on(topology, _seed_fn(backward), *shapes)
   assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 1
   chip = target.CHIPS[aot.chip_of(topology)]
   (used, granted, end), = aot.kernel_vmem(compiled).values()
-  print(f"{topology}: ec_ffn VMEM {used / 2**20:.1f} MiB of {granted / 2**20:.0f} MiB granted")
+  print(f"{topology} {'fwd+bwd' if backward else 'fwd'}: ec_ffn VMEM {used / 2**20:.1f} MiB of "
+        f"{granted / 2**20:.0f} MiB granted")
   assert 0 < used <= granted <= ec_ffn_tpu.VMEM_LIMIT and end <= chip.vmem_bytes
   flops = 6 * s["capacity"] * s["d"] * s["f"] * s["experts"] * s["groups"]
-  assert aot.cost_analysis(compiled)["flops"] == pytest.approx(flops, rel=1e-3)
+  if not backward:
+    assert aot.cost_analysis(compiled)["flops"] == pytest.approx(flops, rel=1e-3)
   assert aot.hbm_bytes(compiled) < chip.hbm_bytes

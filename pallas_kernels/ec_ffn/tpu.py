@@ -57,9 +57,10 @@ class Plan:
 
 
 def plan(groups: int, experts: int, capacity: int, d: int, f: int, in_bytes: int, out_bytes: int,
-         tiles=None, chip=None) -> Plan:
+         tiles=None, chip=None, residuals: bool = False) -> Plan:
   """Tile sizes (tc, tf) for padded d, f (multiples of 128): the fastest modelled tiling within
-  VMEM_BUDGET, or `tiles` if given."""
+  VMEM_BUDGET, or `tiles` if given. `residuals`: the kernel also writes the gathered rows and
+  the gate/up projections (for the backward pass)."""
   chip = chip or target.chip()
   cap8 = _round_up(max(capacity, 1), 8)
   if tiles is not None:
@@ -78,11 +79,14 @@ def plan(groups: int, experts: int, capacity: int, d: int, f: int, in_bytes: int
             + 2 * tc * LANES * 4           # gate weights [tc, 1] (lane padded), double buffered
             + 2 * tc * d * out_bytes       # output block, double buffered
             + tc * d * 4                   # float32 accumulator
-            + 3 * tc * tf * 4)             # gate / up / hidden temporaries
+            + 3 * tc * tf * 4              # gate / up / hidden temporaries
+            + (2 * tc * (d + 2 * tf) * in_bytes if residuals else 0))  # residual output blocks
     weight_fetches = groups * experts * (1 if f_tiles == 1 else c_tiles * f_tiles)
     weight_bytes = weight_fetches * 3 * d * (f // f_tiles) * in_bytes
     rows = groups * experts * c_pad
     hbm = weight_bytes + rows * d * (in_bytes + out_bytes) + rows * 8  # + gate weights, indices
+    if residuals:
+      hbm += rows * (d + 2 * f) * in_bytes
     flops = 6 * rows * d * f
     steps = groups * experts * c_tiles * f_tiles
     seconds = max(flops / chip.bf16_flops, hbm / chip.hbm_bytes_per_s) + steps * STEP_SECONDS
@@ -91,8 +95,11 @@ def plan(groups: int, experts: int, capacity: int, d: int, f: int, in_bytes: int
   return min(fitting, key=lambda p: (p.seconds, -p.tc))
 
 
-def _kernel(idx_ref, x_hbm, gates_ref, wg_ref, wu_ref, wd_ref, out_ref, rows_ref, x_ref, acc_ref, sem,
-            *, tc, d, precision):
+def _kernel(idx_ref, x_hbm, gates_ref, wg_ref, wu_ref, wd_ref, *refs, tc, d, precision, residuals):
+  if residuals:
+    out_ref, xs_out, gate_out, up_out, rows_ref, x_ref, acc_ref, sem = refs
+  else:
+    out_ref, rows_ref, x_ref, acc_ref, sem = refs
   g, e, ci, fi = (pl.program_id(i) for i in range(4))
   experts, c_tiles, f_tiles = pl.num_programs(1), pl.num_programs(2), pl.num_programs(3)
   c_pad = c_tiles * tc
@@ -128,10 +135,15 @@ def _kernel(idx_ref, x_hbm, gates_ref, wg_ref, wu_ref, wd_ref, out_ref, rows_ref
     wait(slot)
     x_ref[...] = rows_ref[slot].reshape(tc, d)
     acc_ref[...] = jnp.zeros_like(acc_ref)
+    if residuals:
+      xs_out[0, 0] = x_ref[...]
 
   xs = x_ref[...]
   gate = jnp.dot(xs, wg_ref[0], precision=precision, preferred_element_type=jnp.float32)
   up = jnp.dot(xs, wu_ref[0], precision=precision, preferred_element_type=jnp.float32)
+  if residuals:
+    gate_out[0, 0] = gate.astype(gate_out.dtype)
+    up_out[0, 0] = up.astype(up_out.dtype)
   h = jax.nn.silu(gate) * up * gates_ref[0, 0].astype(jnp.float32)
   acc_ref[...] += jnp.dot(h.astype(wd_ref.dtype), wd_ref[0], precision=precision,
                           preferred_element_type=jnp.float32)
@@ -149,13 +161,15 @@ def _pad(x, axis, size):
   return jnp.pad(x, pads)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "tiles", "interpret"))
+@functools.partial(jax.jit, static_argnames=("out_dtype", "tiles", "interpret", "residuals"))
 def ec_ffn(x_GxNxD, token_idx_GxExC, gates_GxExC, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, *, out_dtype=None,
-           tiles=None, interpret=False):
+           tiles=None, interpret=False, residuals=False):
   """[G, E, C, D]: each expert's SwiGLU over its C gathered tokens, hidden scaled by the gates.
 
   x, weights: one dtype (the matmul operand dtype); float32 accumulation. token_idx must lie in
-  [0, N) (out-of-range rows are not checked in-kernel).
+  [0, N) (out-of-range rows are not checked in-kernel). With `residuals`, returns (ye, rows
+  [G, E, C, D], gate projection [G, E, C, F], up projection [G, E, C, F]) in x's dtype: what the
+  backward pass needs, written from VMEM instead of being recomputed.
   """
   groups, tokens, d = x_GxNxD.shape
   _, experts, capacity = token_idx_GxExC.shape
@@ -163,7 +177,8 @@ def ec_ffn(x_GxNxD, token_idx_GxExC, gates_GxExC, w_gate_ExDxF, w_up_ExDxF, w_do
   dtype = x_GxNxD.dtype
   out_dtype = jnp.dtype(out_dtype or dtype)
   d_pad, f_pad = _round_up(d, LANES), _round_up(f, LANES)
-  p = plan(groups, experts, capacity, d_pad, f_pad, jnp.dtype(dtype).itemsize, out_dtype.itemsize, tiles)
+  p = plan(groups, experts, capacity, d_pad, f_pad, jnp.dtype(dtype).itemsize, out_dtype.itemsize, tiles,
+           residuals=residuals)
   tc, tf = p.tc, p.tf
   c_pad = _round_up(capacity, tc)
   x = _pad(x_GxNxD, 2, d_pad).reshape(groups, tokens, d_pad // LANES, LANES)
@@ -174,9 +189,18 @@ def ec_ffn(x_GxNxD, token_idx_GxExC, gates_GxExC, w_gate_ExDxF, w_up_ExDxF, w_do
   w_down = _pad(_pad(w_down_ExFxD, 1, f_pad), 2, d_pad)
   precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
   rows = groups * experts * capacity
-  out = pl.pallas_call(
-      functools.partial(_kernel, tc=tc, d=d_pad, precision=precision),
-      out_shape=jax.ShapeDtypeStruct((groups, experts, c_pad, d_pad), out_dtype),
+  out_shape = [jax.ShapeDtypeStruct((groups, experts, c_pad, d_pad), out_dtype)]
+  out_specs = [pl.BlockSpec((1, 1, tc, d_pad), lambda g, e, c, fi, idx: (g, e, c, 0))]
+  if residuals:
+    out_shape += [jax.ShapeDtypeStruct((groups, experts, c_pad, d_pad), dtype),
+                  jax.ShapeDtypeStruct((groups, experts, c_pad, f_pad), dtype),
+                  jax.ShapeDtypeStruct((groups, experts, c_pad, f_pad), dtype)]
+    out_specs += [pl.BlockSpec((1, 1, tc, d_pad), lambda g, e, c, fi, idx: (g, e, c, 0)),
+                  pl.BlockSpec((1, 1, tc, tf), lambda g, e, c, fi, idx: (g, e, c, fi)),
+                  pl.BlockSpec((1, 1, tc, tf), lambda g, e, c, fi, idx: (g, e, c, fi))]
+  outs = pl.pallas_call(
+      functools.partial(_kernel, tc=tc, d=d_pad, precision=precision, residuals=residuals),
+      out_shape=out_shape,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
           grid=(groups, experts, c_pad // tc, f_pad // tf),
@@ -187,7 +211,7 @@ def ec_ffn(x_GxNxD, token_idx_GxExC, gates_GxExC, w_gate_ExDxF, w_up_ExDxF, w_do
               pl.BlockSpec((1, d_pad, tf), lambda g, e, c, fi, idx: (e, 0, fi)),
               pl.BlockSpec((1, tf, d_pad), lambda g, e, c, fi, idx: (e, fi, 0)),
           ],
-          out_specs=pl.BlockSpec((1, 1, tc, d_pad), lambda g, e, c, fi, idx: (g, e, c, 0)),
+          out_specs=out_specs,
           scratch_shapes=[
               pltpu.VMEM((2, tc, d_pad // LANES, LANES), dtype),
               pltpu.VMEM((tc, d_pad), dtype),
@@ -201,4 +225,7 @@ def ec_ffn(x_GxNxD, token_idx_GxExC, gates_GxExC, w_gate_ExDxF, w_up_ExDxF, w_do
       interpret=_interpret(interpret),
       name="ec_ffn",
   )(idx, x, gates, w_gate, w_up, w_down)
-  return out[:, :, :capacity, :d]
+  ye = outs[0][:, :, :capacity, :d]
+  if not residuals:
+    return ye
+  return ye, outs[1][:, :, :capacity, :d], outs[2][:, :, :capacity, :f], outs[3][:, :, :capacity, :f]

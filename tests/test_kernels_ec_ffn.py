@@ -167,3 +167,56 @@ def test_mosaic_compiles_at_the_seed_size_and_declares_its_flops(topology, backw
   if not backward:
     assert aot.cost_analysis(compiled)["flops"] == pytest.approx(flops, rel=1e-3)
   assert aot.hbm_bytes(compiled) < chip.hbm_bytes
+
+
+def _seed_layer_cfg(backend):
+  from sdlm_jax.config_files import repo_module  # pylint: disable=import-outside-toplevel
+  cfg = repo_module("demo").get_config("ec").model
+  cfg.d_model, cfg.dtype = 2048, "bfloat16"
+  cfg.moe.num_experts, cfg.moe.expert_mlp_dim, cfg.moe.top_k, cfg.moe.num_shared_experts = 64, 640, 8, 0
+  cfg.moe.ec_group, cfg.moe.backend = "batch", backend
+  return cfg
+
+
+def test_the_kernel_refuses_expert_parallelism_in_the_layer():
+  from jax.sharding import AbstractMesh, AxisType  # pylint: disable=import-outside-toplevel
+  from sdlm_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from sdlm_jax.model.moe import MoE  # pylint: disable=import-outside-toplevel
+  from sdlm_jax.parallel.rules import MESH_AXES, get_rules  # pylint: disable=import-outside-toplevel
+  cfg = _seed_layer_cfg("interpret")
+  cfg.d_model, cfg.moe.num_experts, cfg.moe.expert_mlp_dim = 128, 4, 128
+  layer = MoE(cfg, rngs=nnx.Rngs(0))
+  mesh = AbstractMesh((1, 1, 2, 1), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
+  with jax.sharding.use_abstract_mesh(mesh), nnx.logical_axis_rules(get_rules()):
+    with pytest.raises(ConfigError, match="expert parallelism"):
+      jax.eval_shape(lambda x: layer(x, jnp.ones(x.shape[:2], bool)), jax.ShapeDtypeStruct((2, 16, 128), jnp.float32))
+
+
+@pytest.mark.tpu_aot
+@pytest.mark.slow
+def test_moe_layer_with_the_kernel_compiles_under_a_batch_mesh_on_v5p():
+  """The EC layer, forward + backward, on 4 v5p chips (data 4, batch-level routing, 2 x 2048
+  tokens per chip): one kernel per chip inside the shard_map, no all-gather of the tokens."""
+  pytest.importorskip("jax.experimental.topologies")
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  from sdlm_jax.model.moe import MoE  # pylint: disable=import-outside-toplevel
+  from sdlm_jax.parallel.mesh import make_mesh, sharding_context  # pylint: disable=import-outside-toplevel
+  cfg = _seed_layer_cfg("pallas")
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1").devices
+  mesh = make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, model=1, dcn_data=-1, dcn_fsdp=1,
+                                                  dcn_expert=1, dcn_model=1, rules="default")), devices)
+  with sharding_context(mesh), target.compile_for("tpu", "v5p"):
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+
+    def loss(p, x):
+      y, _, _ = nnx.merge(graphdef, p)(x, jnp.ones(x.shape[:2], bool))
+      return jnp.sum(jnp.square(y.astype(jnp.float32)))
+    x = jax.ShapeDtypeStruct((8, 2048, 2048), jnp.bfloat16, sharding=NamedSharding(mesh, P(("data", "fsdp", "expert"))))
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+  text = compiled.as_text()
+  assert text.count('custom_call_target="tpu_custom_call"') == 1
+  (used, granted, _), = aot.kernel_vmem(compiled).values()
+  assert 0 < used <= granted
+  assert "all-gather" not in text  # the weights are replicated here (fsdp 1) and the tokens stay split

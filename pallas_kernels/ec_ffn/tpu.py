@@ -105,18 +105,18 @@ def _kernel(idx_ref, x_hbm, gates_ref, wg_ref, wu_ref, wd_ref, *refs, tc, d, pre
   c_pad = c_tiles * tc
   base = (g * experts + e) * c_pad
 
-  def copy(tile, row, slot, token):
+  def copy(row, slot, token):
     return pltpu.make_async_copy(x_hbm.at[g, token], rows_ref.at[slot, row], sem.at[slot])
 
   def gather(tile, slot):
     def body(row, carry):
-      copy(tile, row, slot, idx_ref[base + tile * tc + row]).start()
+      copy(row, slot, idx_ref[base + tile * tc + row]).start()
       return carry
     jax.lax.fori_loop(0, tc, body, 0)
 
   def wait(slot):
     def body(row, carry):
-      copy(0, row, slot, 0).wait()  # every copy is one row: wait for tc of them
+      copy(row, slot, 0).wait()  # every copy is one row: wait for tc of them
       return carry
     jax.lax.fori_loop(0, tc, body, 0)
 

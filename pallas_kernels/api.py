@@ -8,7 +8,9 @@ backend:
   "interpret"     the TPU kernel in TPU interpret mode (any platform; for tests on CPU).
   "interpret_gpu" the GPU kernel in Pallas interpret mode (any platform; for tests on CPU).
 Nothing falls back silently: a combination that does not exist raises. Expert-choice routing,
-dispatch and combine are XLA on every platform (see `expert_choice`).
+dispatch and combine are XLA on every platform (see `expert_choice`). The expert-choice expert
+FFN (`ec_ffn`) has a Mosaic TPU kernel, used only when asked for ("pallas" / "interpret"):
+"auto" is its XLA path on every platform until a TPU measurement says otherwise.
 """
 
 import functools
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, Int32
 
 from pallas_kernels import reference, target
+from pallas_kernels.ec_ffn import tpu as ec_ffn_tpu
 from pallas_kernels.gmm import gpu as gmm_gpu
 from pallas_kernels.gmm import tpu as gmm_tpu
 
@@ -154,3 +157,77 @@ def ec_combine(y: Float[Array, "G E C D"], token_idx: Int[Array, "G E C"], weigh
   weights [G, E, C] (None: unweighted); differentiable."""
   _xla_only("ec_combine", backend)
   return reference.ec_combine(y, token_idx, weights, num_tokens)
+
+
+def resolve_ec_ffn_backend(backend: str) -> str:
+  """The expert-choice FFN implementation `backend` means: "xla" (auto, xla: the default on every
+  platform until the kernel is measured on a TPU), "pallas_tpu" or "interpret_tpu"."""
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r}; allowed values: {', '.join(BACKENDS)}")
+  if backend in ("auto", "xla"):
+    return "xla"
+  if backend == "interpret":
+    return "interpret_tpu"
+  if backend == "pallas" and target.platform() == "tpu":
+    return "pallas_tpu"
+  raise NotImplementedError(
+      f"pallas_kernels.ec_ffn: backend={backend!r} does not exist on platform {target.platform()!r} (only a "
+      "Mosaic TPU kernel exists); use 'auto' / 'xla', or 'interpret' to run the TPU kernel in interpret mode")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _ec_ffn_kernel(x_GxNxD, token_idx_GxExC, gates_GxExC, w_gate, w_up, w_down, tiles, interpret):
+  return ec_ffn_tpu.ec_ffn(x_GxNxD, token_idx_GxExC, gates_GxExC, w_gate, w_up, w_down, tiles=tiles,
+                           interpret=interpret)
+
+
+def _ec_ffn_kernel_fwd(x_GxNxD, token_idx_GxExC, gates_GxExC, w_gate, w_up, w_down, tiles, interpret):
+  """The kernel also writes the gathered rows and the gate/up projections: the backward pass
+  needs them, and reading them back is cheaper than a second gather and two matmuls."""
+  out, rows, gate, up = ec_ffn_tpu.ec_ffn(x_GxNxD, token_idx_GxExC, gates_GxExC, w_gate, w_up, w_down,
+                                          tiles=tiles, interpret=interpret, residuals=True)
+  return out, (x_GxNxD.shape[1], token_idx_GxExC, gates_GxExC, w_gate, w_up, w_down, rows, gate, up)
+
+
+def _ec_ffn_kernel_bwd(tiles, interpret, residuals, grad_GxExCxD):
+  """XLA, from the kernel's saved rows and gate/up projections (no gather, no recomputed matmul):
+  autodiff of silu(gate) * up * g @ w_down, then the gate/up weight and row gradients as einsums;
+  the row gradient is scatter-added to the tokens (`ec_dispatch`'s transpose)."""
+  del tiles, interpret
+  tokens, token_idx_GxExC, gates_GxExC, w_gate, w_up, w_down, rows_GxExCxD, gate_GxExCxF, up_GxExCxF = residuals
+  grad_GxExCxD = grad_GxExCxD.astype(rows_GxExCxD.dtype)
+
+  def down(gate, up, g, wd):
+    return jnp.einsum("gecf,efd->gecd", jax.nn.silu(gate) * up * g[..., None], wd)
+  _, vjp = jax.vjp(down, gate_GxExCxF, up_GxExCxF, gates_GxExC, w_down)
+  d_gate, d_up, d_gates, d_wd = vjp(grad_GxExCxD)
+  d_wg = jnp.einsum("gecd,gecf->edf", rows_GxExCxD, d_gate)
+  d_wu = jnp.einsum("gecd,gecf->edf", rows_GxExCxD, d_up)
+  d_rows = jnp.einsum("gecf,edf->gecd", d_gate, w_gate) + jnp.einsum("gecf,edf->gecd", d_up, w_up)
+  d_x = reference.ec_combine(d_rows, token_idx_GxExC, None, tokens)
+  return d_x, None, d_gates, d_wg, d_wu, d_wd
+
+
+_ec_ffn_kernel.defvjp(_ec_ffn_kernel_fwd, _ec_ffn_kernel_bwd)
+
+
+def ec_ffn(x: Float[Array, "G N D"], token_idx: Int[Array, "G E C"], gates: Float[Array, "G E C"],
+           w_gate: Float[Array, "E D F"], w_up: Float[Array, "E D F"], w_down: Float[Array, "E F D"], *,
+           tiles=None, backend: str = "auto") -> Float[Array, "G E C D"]:
+  """Expert-choice expert FFN of one layer: ye[g, e, c] = ((silu(xs @ w_gate[e]) * (xs @ w_up[e]))
+  * gates[g, e, c]) @ w_down[e], xs = x[g, token_idx[g, e, c]]: [G, E, C, D] in the promoted
+  dtype of x and the weights (gates are cast to it). Differentiable in x, gates and the weights.
+
+  "auto"/"xla": `ec_dispatch` + three batched einsums (what the model ran before the kernel).
+  "pallas" (TPU) / "interpret": the Mosaic kernel (gather + SwiGLU + down projection in one
+  call; backward in XLA). `tiles=(tc, tf)` overrides the kernel's modelled tiling.
+  """
+  impl = resolve_ec_ffn_backend(backend)
+  dtype = functools.reduce(jnp.promote_types, (x.dtype, w_gate.dtype, w_up.dtype, w_down.dtype))
+  x, w_gate, w_up, w_down = (a.astype(dtype) for a in (x, w_gate, w_up, w_down))
+  gates = gates.astype(dtype)
+  token_idx = token_idx.astype(jnp.int32)
+  if impl == "xla":
+    return reference.ec_ffn(x, token_idx, gates, w_gate, w_up, w_down)
+  return _ec_ffn_kernel(x, token_idx, gates, w_gate, w_up, w_down, None if tiles is None else tuple(tiles),
+                        impl == "interpret_tpu")

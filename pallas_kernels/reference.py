@@ -192,3 +192,15 @@ def ec_combine(y_GxExCxD: Float[Array, "G E C D"], token_idx_GxExC: Int[Array, "
     y_GxExCxD = y_GxExCxD * weights_GxExC[..., None].astype(y_GxExCxD.dtype)
   add = lambda rows_MxD, idx_M: _add_rows(rows_MxD, idx_M, num_tokens)
   return jax.vmap(add)(y_GxExCxD.reshape(groups, -1, d), token_idx_GxExC.reshape(groups, -1))
+
+
+def ec_ffn(x_GxNxD: Float[Array, "G N D"], token_idx_GxExC: Int[Array, "G E C"], gates_GxExC: Float[Array, "G E C"],
+           w_gate_ExDxF: Float[Array, "E D F"], w_up_ExDxF: Float[Array, "E D F"], w_down_ExFxD: Float[Array, "E F D"]
+           ) -> Float[Array, "G E C D"]:
+  """The expert-choice expert FFN as the model's XLA path computes it: dispatch, then three
+  batched einsums with each slot's gate on its hidden activations (in the operands' dtype)."""
+  xe_GxExCxD = ec_dispatch(x_GxNxD, token_idx_GxExC)
+  gate_GxExCxF = jnp.einsum("gecd,edf->gecf", xe_GxExCxD, w_gate_ExDxF)
+  up_GxExCxF = jnp.einsum("gecd,edf->gecf", xe_GxExCxD, w_up_ExDxF)
+  h_GxExCxF = jax.nn.silu(gate_GxExCxF) * up_GxExCxF * gates_GxExC[..., None].astype(gate_GxExCxF.dtype)
+  return jnp.einsum("gecf,efd->gecd", h_GxExCxF, w_down_ExFxD)

@@ -21,7 +21,7 @@ from sdlm_jax.diffusion.schedules import SCHEDULE_NAMES as SCHEDULES
 from sdlm_jax.errors import UserInputError, check_choice, check_number
 from sdlm_jax.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
 from sdlm_jax.model.layers import DTYPES
-from sdlm_jax.model.moe import EC_GROUPS, ROUTERS
+from sdlm_jax.model.moe import EC_BACKENDS, EC_GROUPS, EC_KERNEL_BACKENDS, ROUTERS
 from sdlm_jax.model.routing import ACTIVATIONS as ROUTER_ACTIVATIONS
 from sdlm_jax.model.transformer import REMAT_POLICIES
 from sdlm_jax.parallel.mesh import mesh_shape
@@ -92,10 +92,11 @@ def _check_moe(moe, num_layers, seq_len, causal):
   _one_of("model.moe.ec_group", moe.ec_group, EC_GROUPS)
   _one_of("model.moe.router_activation", moe.router_activation, ROUTER_ACTIVATIONS)
   _one_of("model.moe.backend", moe.backend, BACKENDS)
-  if moe.router == "expert_choice" and moe.backend not in ("auto", "xla"):
+  if moe.router == "expert_choice" and moe.backend not in EC_BACKENDS:
     raise ConfigError(
-        f"model.moe.backend={moe.backend!r} selects a grouped-matmul kernel, which only token_choice uses; "
-        "expert_choice runs XLA top-k/gather/scatter: allowed values auto, xla")
+        f"model.moe.backend={moe.backend!r} selects a GPU grouped-matmul kernel, which only token_choice uses; "
+        f"expert_choice has an XLA path (auto, xla) and a TPU expert-FFN kernel (pallas, interpret): allowed "
+        f"values {', '.join(EC_BACKENDS)}")
   _positive("model.moe.expert_mlp_dim", moe.expert_mlp_dim)
   _positive("model.moe.top_k", moe.top_k)
   if moe.top_k > moe.num_experts:
@@ -227,6 +228,10 @@ def _check_train(cfg, num_devices, process_count, num_slices):
         f"model.moe.num_experts={experts} is not divisible by mesh.expert={sizes['expert']}; "
         "allowed values: a multiple of the expert-parallel size")
   moe = cfg.model.moe
+  if experts and moe.router == "expert_choice" and moe.backend in EC_KERNEL_BACKENDS and sizes["expert"] > 1:
+    raise ConfigError(
+        f"model.moe.backend={moe.backend!r} (the expert-choice FFN kernel) does not support expert parallelism "
+        f"(mesh.expert={sizes['expert']}); allowed values: model.moe.backend auto or xla, or mesh.expert=1")
   if experts and moe.router == "expert_choice" and moe.ec_group == "batch":
     local_tokens = t.batch_size // batch_shards // t.grad_accum_steps * cfg.data.seq_len
     if local_tokens * moe.top_k // experts == 0:

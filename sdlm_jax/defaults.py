@@ -52,7 +52,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   moe.routed_scaling_factor = 1.0
   moe.dynamic_scaling_factors = ()  # () off; E+1 numbers: gates of a token with n experts x entry n (TC: entry k)
   moe.bias_update_rate = 0.0   # TC aux-loss-free balancing: >0 adds a selection-only expert bias moved this much per step
-  moe.backend = "auto"         # grouped-matmul (token-choice) backend: auto | pallas | xla | interpret
+  moe.backend = "auto"         # MoE kernels: auto | pallas | xla | interpret (EC: pallas/interpret = ec_ffn kernel)
 
   # ---------------------------------------------------------------- diffusion objective
   d = c.diffusion = ml_collections.ConfigDict()

@@ -150,8 +150,19 @@ def test_text_files_source_needs_paths():
 
 def test_bad_backend_and_remasking():
   assert "model.moe.backend" in _bad(lambda c: setattr(c.model.moe, "backend", "cuda"))
-  assert "only token_choice" in _bad(lambda c: setattr(c.model.moe, "backend", "interpret"))
+  assert "only token_choice" in _bad(lambda c: setattr(c.model.moe, "backend", "interpret_gpu"))
   assert "sample.remasking" in _bad(lambda c: setattr(c.sample, "remasking", "greedy"))
+
+
+def test_expert_choice_kernel_backend_is_valid_without_expert_parallelism_only():
+  cfg = demo.get_config("ec")
+  cfg.model.moe.backend = "interpret"
+  validate(cfg)
+
+  def kernel_with_experts_split(c):
+    c.model.moe.backend = "pallas"
+    c.mesh.expert = 2
+  assert "does not support expert parallelism" in _bad(kernel_with_experts_split, num_devices=2)
 
 
 def test_bad_remat():

@@ -7,7 +7,9 @@ selection never needs tokens from another device. Tokens are gathered into a den
 with each slot's gate applied to its hidden activations (width F, not D: the same product,
 as the down projection is linear), and `ec_combine` scatter-adds the outputs back. The expert
 matmuls cover exactly E*C <= N*k (token, expert) pairs: there is no one-hot dispatch over the
-batch.
+batch. With `moe.backend` pallas (TPU) or interpret, dispatch and the three matmuls are one
+Mosaic kernel instead (`pallas_kernels.ec_ffn`; routing and the combine stay XLA; no expert
+parallelism); auto/xla keep the XLA path.
 
 Token choice (TC): the N*k (token, expert) pairs are sorted by expert, their rows gathered and
 run through grouped matmuls (`pallas_kernels.gmm`), then unsorted and summed with their gates.
@@ -47,6 +49,10 @@ from sdlm_jax.parallel.sharding import constrain, logical_to_spec, mesh_axes_of,
 
 ROUTERS = ("expert_choice", "token_choice")
 EC_GROUPS = ("sequence", "batch")
+# Expert choice: auto/xla run dispatch -> einsums -> combine in XLA; pallas/interpret run the expert
+# FFN as one Mosaic kernel (pallas_kernels.ec_ffn; routing and combine stay XLA).
+EC_KERNEL_BACKENDS = ("pallas", "interpret")
+EC_BACKENDS = ("auto", "xla") + EC_KERNEL_BACKENDS
 # Expert buffers: E over the expert axis, G over the remaining batch axes (parallel/expert.py).
 _ACT_GECD = ("activation_batch_no_expert", "activation_expert", "activation_capacity", "activation_embed")
 _ACT_GECF = ("activation_batch_no_expert", "activation_expert", "activation_capacity", "activation_mlp")
@@ -144,6 +150,27 @@ class MoE(nnx.Module):
     hidden = keep(jax.nn.silu(gate) * up * gates[..., None].astype(dt), hidden_axes)
     return checkpoint_name(keep(jnp.einsum(eq_out, hidden, self.w_down[...].astype(dt)), out_axes), "mlpwo")
 
+  def _experts_kernel(self, x_GxNxD, token_idx_GxExC, gates_GxExC):
+    """The same as dispatch + `_experts`, as one `pallas_kernels.ec_ffn` kernel per batch shard
+    (a shard_map over the batch axes: XLA cannot partition a Pallas call). The expert weights
+    enter whole (all-gathered, as the einsums gather them under FSDP)."""
+    if expert_parallel.expert_parallelism() > 1:
+      from sdlm_jax.config import ConfigError  # pylint: disable=import-outside-toplevel  (config imports this module)
+      raise ConfigError(f"model.moe.backend={self.moe.backend!r} (the expert-choice FFN kernel) does not support "
+                        "expert parallelism; allowed values: model.moe.backend auto or xla, or mesh.expert=1")
+    dt = self.dtype
+    weights = [getattr(self, name)[...].astype(dt) for name in _EXPERT_WEIGHTS]
+    ffn = functools.partial(pallas_kernels.ec_ffn, backend=self.moe.backend)
+    args = (x_GxNxD.astype(dt), token_idx_GxExC, gates_GxExC.astype(dt), *weights)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not core_spmd.get_logical_axis_rules():
+      return ffn(*args)
+    batch = mesh_axes_of("activation_batch")
+    split = bool(batch) and x_GxNxD.shape[0] % math.prod(mesh.shape[a] for a in batch) == 0
+    by_group = jax.sharding.PartitionSpec(batch if split else None)
+    whole = jax.sharding.PartitionSpec()
+    return jax.shard_map(ffn, in_specs=(by_group,) * 3 + (whole,) * 3, out_specs=by_group, check_vma=False)(*args)
+
   def _expert_choice(self, x_BxLxD, logits_BxLxE, token_mask_BxL):
     moe = self.moe
     batch, length, d = x_BxLxD.shape
@@ -152,13 +179,18 @@ class MoE(nnx.Module):
     x_GxNxD = constrain(x_BxLxD.reshape(groups, tokens, d), ACT_BLD)
     logits_GxNxE = logits_BxLxE.reshape(groups, tokens, -1)
     mask_GxN = token_mask_BxL.reshape(groups, tokens)
+    kernel = moe.backend in EC_KERNEL_BACKENDS
+    xla = "xla" if kernel else moe.backend  # routing and combine are XLA either way
     token_idx_GxExC, gates_GxExC, picked_GxNxE = routing.expert_choice(
-        logits_GxNxE, mask_GxN, moe.top_k, moe.router_activation, backend=moe.backend,
+        logits_GxNxE, mask_GxN, moe.top_k, moe.router_activation, backend=xla,
         scaling_factors=tuple(moe.get("dynamic_scaling_factors", ())))
-    xe_GxExCxD = pallas_kernels.ec_dispatch(x_GxNxD, token_idx_GxExC, backend=moe.backend)
-    ye_GxExCxD = expert_parallel.from_experts(
-        self._experts(expert_parallel.to_experts(xe_GxExCxD), expert_parallel.to_experts(gates_GxExC)))
-    y_GxNxD = pallas_kernels.ec_combine(ye_GxExCxD, token_idx_GxExC, None, tokens, backend=moe.backend)
+    if kernel:
+      ye_GxExCxD = self._experts_kernel(x_GxNxD, token_idx_GxExC, gates_GxExC)
+    else:
+      xe_GxExCxD = pallas_kernels.ec_dispatch(x_GxNxD, token_idx_GxExC, backend=xla)
+      ye_GxExCxD = expert_parallel.from_experts(
+          self._experts(expert_parallel.to_experts(xe_GxExCxD), expert_parallel.to_experts(gates_GxExC)))
+    y_GxNxD = pallas_kernels.ec_combine(ye_GxExCxD, token_idx_GxExC, None, tokens, backend=xla)
     balance = routing.token_wise_balance_loss(logits_GxNxE, picked_GxNxE, mask_GxN, moe.top_k)
     stats = routing.routing_stats(jnp.sum(picked_GxNxE, -1).reshape(-1), jnp.sum(picked_GxNxE, (0, 1)),
                                   mask_GxN.reshape(-1))

@@ -1,11 +1,11 @@
 """Demo: a tiny expert-choice MoE diffusion LM on the embedded Shakespeare corpus.
 
-Command (2 CPU cores: 6-13 minutes including tokenizer training and evaluation):
+Command (2 CPU cores: ~10 minutes including tokenizer training and evaluation):
   sdlm-train --config configs/demo.py --workdir runs/demo
   sdlm-generate --workdir runs/demo --prompt "KING HENRY." --prompt "To be, or not to be"
 
 Expected result (1000 steps of 16 x 128 tokens, ~2M tokens, 1.1 epochs): validation ELBO
-perplexity bound ~120 against ~410 for a unigram model of the same split, and samples in the
+perplexity bound ~115 against ~410 for a unigram model of the same split, and samples in the
 shape of a play (speaker names, stage directions) mixing English words and invented names.
 
 The argument picks a variant with the same active FLOPs per token, and `smoke` shrinks any

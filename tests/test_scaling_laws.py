@@ -227,6 +227,20 @@ def test_isoflop_cli_writes_configs_sdlm_train_loads_at_the_budget(tmp_path):
     assert abs(flops / p["budget"] - 1) <= 0.5 / p["steps"] + 1e-12
 
 
+def test_isoflop_head_dim_sets_the_family_width(tmp_path):
+  proc = _sdlm_scaling("isoflop", "--budgets", "2e12", "--sizes", "3", "--base", "configs/demo.py:dense",
+                       "--head_dim", "16", "--out", str(tmp_path))
+  assert proc.returncode == 0, proc.stderr
+  with open(tmp_path / plan.MANIFEST) as f:
+    points = json.load(f)["points"]
+  assert [p["layers"] for p in points] == [2, 4, 6]
+  for p in points:
+    m = plan.load_config_file(str(tmp_path / p["config"])).model
+    assert (m.head_dim, m.num_heads, m.num_kv_heads, m.d_model) == (16, p["layers"], p["layers"] // 2, p["layers"] * 16)
+    assert m.mlp_dim == 3 * m.d_model  # the demo's FFN ratio
+    assert p["d_model"] == m.d_model and param_counts(m)["active"] == p["params"]
+
+
 # ---------------------------------------------------------------- CLI errors
 
 @pytest.mark.parametrize("args, flag", [
@@ -235,6 +249,8 @@ def test_isoflop_cli_writes_configs_sdlm_train_loads_at_the_budget(tmp_path):
     (["allocate", "--chips", "v5p-7", "--days", "1", "--mfu", "0.5"], "--chips"),
     (["fit", "--runs", "/nonexistent/runs.csv"], "--runs"),
     (["isoflop", "--budgets", "1e17", "--sizes", "0", "--base", "configs/demo.py", "--out", "/tmp/x"], "--sizes"),
+    (["isoflop", "--budgets", "1e17", "--sizes", "2", "--base", "configs/demo.py", "--head_dim", "0", "--out", "/tmp/x"],
+     "--head_dim"),
 ])
 def test_cli_errors_are_one_line_naming_the_flag(args, flag):
   proc = _sdlm_scaling(*args)

@@ -1,10 +1,10 @@
 """IsoFLOP sweep of the demo family: plan, train every point with sdlm-train, fit and plot.
 
-  python benchmarks/isoflop_sweep.py [--budgets 2e12,5e12,1.25e13] [--sizes 4] [--out runs/isoflop]
+  python benchmarks/isoflop_sweep.py [--budgets 1e12,2.5e12,6.25e12] [--sizes 4] [--out runs/isoflop]
   python benchmarks/isoflop_sweep.py --smoke        # 2 tiny budgets x 3 sizes of the smoke model, minutes
 
 1. `sdlm-scaling isoflop` plans the sweep from the demo's dense model (configs/demo.py:dense)
-   with --head_dim 16 (sdlm_jax/scaling/plan.py: layers = heads, d_model = layers x 16, the demo's
+   with --head_dim 8 (sdlm_jax/scaling/plan.py: layers = heads, d_model = layers x 8, the demo's
    FFN ratio 3; steps from the exact FLOPs count) and writes one config per (budget, size) and
    sweep.json into OUT/configs.
 2. `sdlm-sweep` trains every config in OUT/runs/NAME (an interrupted sweep resumes: finished
@@ -13,13 +13,15 @@
    in nats/token from eval.json), budget; then `sdlm-scaling fit` fits the parametric law and the
    IsoFLOP power laws and writes OUT/isoflop.png and OUT/frontier.png.
 
-The defaults fit a 2-core CPU machine in about an hour: budgets 2e12, 5e12 and 1.25e13 FLOPs
-(7.8e13 in all, 21K steps), where Quokka's law puts N_opt at 45K-115K parameters. The demo's own width
-(head_dim 64) starts at 1M parameters, so the family here uses head_dim 16: 2, 4, 6 and 8
-layers are 90K, 330K, 860K and 1.8M active parameters (the tied 2048-token embedding included,
-which is most of the smallest). This is a toy-scale law: tiny models, a 2M-token corpus repeated
-up to ~10 times by the smallest model at the largest budget, one seed, one learning rate for
-every size. It shows the method end to end; its coefficients say nothing about real scales.
+The defaults fit a 2-core CPU machine in well under an hour: budgets 1e12, 2.5e12 and 6.25e12
+FLOPs (3.9e13 in all, 26K steps), where Quokka's law puts N_opt at 32K-82K parameters. The
+demo's own width (head_dim 64) starts at 1M parameters, so the family here uses head_dim 8:
+2, 4, 6 and 8 layers are 39K, 115K, 265K and 526K active parameters (the tied 2048-token
+embedding included, which is most of the smallest), spread around that prior. This is a
+toy-scale law: tiny models, a 2M-token corpus repeated up to ~11 times by the smallest model at
+the largest budget, one seed, one learning rate for every size, and runs of a few hundred steps
+that have barely left the unigram plateau every masked-diffusion run starts on. It shows the
+method end to end; its coefficients say nothing about real scales.
 """
 
 import argparse
@@ -49,8 +51,8 @@ def _train_tokens(config_path):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--base", default="configs/demo.py:dense")
-  parser.add_argument("--head_dim", type=int, default=16, help="the family's d_model / layers")
-  parser.add_argument("--budgets", default="2e12,5e12,1.25e13")
+  parser.add_argument("--head_dim", type=int, default=8, help="the family's d_model / layers")
+  parser.add_argument("--budgets", default="1e12,2.5e12,6.25e12")
   parser.add_argument("--sizes", type=int, default=4)
   parser.add_argument("--out", default="runs/isoflop")
   parser.add_argument("--bootstrap", type=int, default=200)

@@ -32,15 +32,19 @@ def test_dry_run_prints_the_two_slice_job(tmp_path):
   assert "MEGASCALE_SLICE_ID=0" in runs[0] and "MEGASCALE_SLICE_ID=1" in runs[1]
 
 
-def test_a_fake_gcloud_on_path_receives_create_and_delete(tmp_path):
-  log = tmp_path / "calls"
+def _fake_gcloud(tmp_path, script: str) -> dict:
+  """Writes `script` as a bash `gcloud` into tmp_path/bin; returns the PATH that puts it first."""
   fake = tmp_path / "bin" / "gcloud"
   fake.parent.mkdir()
-  fake.write_text(f"""#!/usr/bin/env bash
-echo "$*" >> {log}
-""")
+  fake.write_text("#!/usr/bin/env bash\n" + script)
   fake.chmod(0o755)
-  env = {"PATH": f"{fake.parent}:{os.environ['PATH']}"}
+  return {"PATH": f"{fake.parent}:{os.environ['PATH']}"}
+
+
+def test_a_fake_gcloud_on_path_receives_create_and_delete(tmp_path):
+  log = tmp_path / "calls"
+  env = _fake_gcloud(tmp_path, f"""echo "$*" >> {log}
+""")
   for command in ("create", "delete"):
     assert _run(command, tmp_path, **env).returncode == 0
   calls = log.read_text().splitlines()
@@ -126,18 +130,14 @@ def test_stop_without_a_recorded_job_does_nothing(tmp_path):
 
 def test_setup_copies_only_tracked_files(tmp_path):
   log = tmp_path / "calls"
-  fake = tmp_path / "bin" / "gcloud"
-  fake.parent.mkdir()
   # scp SOURCE DEST: keep a copy of the tarball it is given
-  fake.write_text(f"""#!/usr/bin/env bash
-echo "$*" >> {log}
+  env = _fake_gcloud(tmp_path, f"""echo "$*" >> {log}
 if [ "$4" = scp ]; then
   for a in "$@"; do case "$a" in *.tar.gz) [ -f "$a" ] && cp "$a" {tmp_path}/sent.tar.gz ;; esac; done
 fi
 exit 0
 """)
-  fake.chmod(0o755)
-  proc = _run("setup", tmp_path, PATH=f"{fake.parent}:{os.environ['PATH']}")
+  proc = _run("setup", tmp_path, **env)
   assert proc.returncode == 0, proc.stderr
   with tarfile.open(tmp_path / "sent.tar.gz") as tar:
     names = set(tar.getnames())
@@ -164,18 +164,14 @@ def test_supervise_recreates_a_preempted_slice_and_reruns_a_preempted_job(tmp_pa
   is preempted (exit 75), then one that finishes."""
   (tmp_path / "states").write_text("SUSPENDED\nWAITING_FOR_RESOURCES\nACTIVE\n")
   (tmp_path / "jobs").write_text("bare\nrunning\n75\n0\n")
-  fake = tmp_path / "bin" / "gcloud"
-  fake.parent.mkdir()
-  fake.write_text(f"""#!/usr/bin/env bash
-pop() {{ head -n 1 "$1"; [ "$(wc -l < "$1")" -gt 1 ] && sed -i 1d "$1"; true; }}
+  env = _fake_gcloud(tmp_path, f"""pop() {{ head -n 1 "$1"; [ "$(wc -l < "$1")" -gt 1 ] && sed -i 1d "$1"; true; }}
 case "$*" in
   *"queued-resources describe"*) pop {tmp_path}/states ;;
   *"echo running"*) echo "job-state" >> {tmp_path}/calls; pop {tmp_path}/jobs ;;
   *) echo "$*" >> {tmp_path}/calls ;;
 esac
 """)
-  fake.chmod(0o755)
-  proc = _run("supervise", tmp_path, PATH=f"{fake.parent}:{os.environ['PATH']}", SUPERVISE_INTERVAL="0")
+  proc = _run("supervise", tmp_path, **env, SUPERVISE_INTERVAL="0")
   assert proc.returncode == 0, proc.stderr
   assert "the job finished" in proc.stdout
   kinds = []
@@ -187,14 +183,10 @@ esac
 
 
 def test_supervise_stops_on_a_failed_job(tmp_path):
-  fake = tmp_path / "bin" / "gcloud"
-  fake.parent.mkdir()
-  fake.write_text("""#!/usr/bin/env bash
-case "$*" in
+  env = _fake_gcloud(tmp_path, """case "$*" in
   *"queued-resources describe"*) echo ACTIVE ;;
   *"echo running"*) echo 1 ;;
 esac
 """)
-  fake.chmod(0o755)
-  proc = _run("supervise", tmp_path, PATH=f"{fake.parent}:{os.environ['PATH']}", SUPERVISE_INTERVAL="0")
+  proc = _run("supervise", tmp_path, **env, SUPERVISE_INTERVAL="0")
   assert proc.returncode == 2 and "the job exited with status 1" in proc.stderr

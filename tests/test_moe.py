@@ -73,6 +73,15 @@ def _reference(layer, cfg, x_BxLxD, mask_BxL):
   return np.where(flat_mask[:, None], y, 0.0).reshape(b, l, d)
 
 
+def _layer_and_inputs(cfg):
+  """The layer (seed 0) and a [2, 16] batch whose second row ends in 4 padding tokens."""
+  layer = MoE(cfg, rngs=nnx.Rngs(0))
+  x = np.random.default_rng(0).normal(size=(2, 16, cfg.d_model)).astype(np.float32)
+  mask = np.ones((2, 16), bool)
+  mask[1, 12:] = False
+  return layer, x, mask
+
+
 @pytest.mark.parametrize("router,group,activation,shared", [
     ("expert_choice", "sequence", "softmax", 1),
     ("expert_choice", "batch", "sigmoid", 2),
@@ -81,11 +90,7 @@ def _reference(layer, cfg, x_BxLxD, mask_BxL):
 ])
 def test_moe_layer_matches_naive_loop(router, group, activation, shared):
   cfg = _cfg(router, group, shared, activation)
-  layer = MoE(cfg, rngs=nnx.Rngs(0))
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(2, 16, cfg.d_model)).astype(np.float32)
-  mask = np.ones((2, 16), bool)
-  mask[1, 12:] = False
+  layer, x, mask = _layer_and_inputs(cfg)
   y, losses, stats = nnx.jit(lambda m, a, b: m(a, b))(layer, jnp.asarray(x), jnp.asarray(mask))
   ref = _reference(layer, cfg, x, mask)
   np.testing.assert_allclose(np.asarray(y), ref, rtol=2e-4, atol=2e-5)
@@ -101,10 +106,8 @@ def test_expert_major_cpu_layout_equals_the_accelerator_layout(group):
   """CPU runs the EC experts on an [E, G*C, D] buffer, accelerators on [G, E, C, D] (moe._experts):
   the same outputs and gradients, and both match the float64 loop."""
   cfg = _cfg("expert_choice", group)
-  layer = MoE(cfg, rngs=nnx.Rngs(3))
-  rng = np.random.default_rng(3)
-  x = jnp.asarray(rng.normal(size=(2, 16, cfg.d_model)).astype(np.float32))
-  mask = jnp.asarray(np.arange(16)[None, :] < np.array([[16], [11]]))
+  layer, x_np, mask_np = _layer_and_inputs(cfg)
+  x, mask = jnp.asarray(x_np), jnp.asarray(mask_np)
 
   def value_and_grads(platform):
     def loss(m, a):
@@ -116,7 +119,7 @@ def test_expert_major_cpu_layout_equals_the_accelerator_layout(group):
 
   y_cpu, gx_cpu, gw_cpu = value_and_grads("cpu")
   y_acc, gx_acc, gw_acc = value_and_grads("gpu")
-  np.testing.assert_allclose(np.asarray(y_cpu), _reference(layer, cfg, np.asarray(x), np.asarray(mask)),
+  np.testing.assert_allclose(np.asarray(y_cpu), _reference(layer, cfg, x_np, mask_np),
                              rtol=2e-4, atol=2e-5)
   np.testing.assert_allclose(np.asarray(y_cpu), np.asarray(y_acc), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(gx_cpu), np.asarray(gx_acc), rtol=1e-4, atol=1e-6)
@@ -130,11 +133,7 @@ def test_expert_major_cpu_layout_equals_the_accelerator_layout(group):
 def test_dynamic_scaling_factors_match_naive_loop(router, group):
   cfg = _cfg(router, group)
   cfg.moe.dynamic_scaling_factors = (7.0, 0.5, 2.0, 3.0, 0.25)  # E = 4; entry 0 never applies (no output)
-  layer = MoE(cfg, rngs=nnx.Rngs(0))
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(2, 16, cfg.d_model)).astype(np.float32)
-  mask = np.ones((2, 16), bool)
-  mask[1, 12:] = False
+  layer, x, mask = _layer_and_inputs(cfg)
   y, _, stats = nnx.jit(lambda m, a, b: m(a, b))(layer, jnp.asarray(x), jnp.asarray(mask))
   np.testing.assert_allclose(np.asarray(y), _reference(layer, cfg, x, mask), rtol=2e-4, atol=2e-5)
   if router == "expert_choice":  # the tokens got different numbers of experts, so the table mattered

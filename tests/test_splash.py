@@ -2,16 +2,20 @@
 against float64 NumPy attention (values) and XLA attention (gradients): packed segments,
 padding rows, lengths that are not a multiple of the kernel's 128-row tiles, causal and
 bidirectional, GQA and MHA. Then its declared cost against a hand count, the model through
-the dispatch point, and the named remat policies' saved residuals."""
+the dispatch point, the named remat policies' saved residuals and the forward kernel's
+reruns."""
 
-import io
+import collections
 import contextlib
+import io
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend.core import jaxprs_in_params
 
 from sdlm_jax.config_files import repo_module
 from sdlm_jax.model import splash
@@ -152,3 +156,28 @@ def test_named_remat_policies_save_exactly_their_projections(remat, names):
   saved, lines = _saved_names(remat)
   assert saved == names, lines
   assert not any("[2,2,16,16]" in line.replace(" ", "") for line in lines), lines
+
+
+def _kernel_calls(jaxpr, calls):
+  """The splash pallas_calls of a jaxpr, by phase (fwd, dq, dkv), nested jaxprs included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      calls.append(re.search(r"splash_m[hq]a_(fwd|dq|dkv)", str(eqn.params)).group(1))
+    for sub in jaxprs_in_params(eqn.params):
+      _kernel_calls(sub, calls)
+  return calls
+
+
+@pytest.mark.parametrize("remat, forward_runs", [("minimal", 2), ("minimal_with_context", 1), ("full", 2), ("none", 1)])
+def test_saving_context_spares_the_backward_a_rerun_of_the_forward_kernel(remat, forward_runs):
+  """The kernel tags its residuals `context`: a policy that saves it runs the forward kernel
+  once per step, as no remat does; the others rerun it in the backward pass."""
+  cfg = demo.get_config("smoke").model
+  cfg.dtype, cfg.attention = "float32", "splash_interpret"
+  graphdef, state = nnx.split(Block(cfg, is_moe=False, rngs=nnx.Rngs(0)))
+  run = _run_block(remat)
+  x = jnp.ones((2, 16, cfg.d_model))
+  pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+  grad_jaxpr = jax.make_jaxpr(jax.grad(lambda s, x: jnp.sum(run(graphdef, s, x, None, pos, None)[0])))(state, x)
+  calls = collections.Counter(_kernel_calls(grad_jaxpr.jaxpr, []))
+  assert calls == {"fwd": forward_runs, "dq": 1, "dkv": 1}, calls

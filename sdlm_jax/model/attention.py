@@ -52,14 +52,17 @@ def attend(q_BxLxHxK: Float[Array, "B L H K"], k_BxLxGxK: Float[Array, "B L G K"
            segment_ids_BxL: Int[Array, "B L"] | None, *, causal: bool, implementation: str
            ) -> Float[Array, "B L H K"]:
   """softmax(q k^T / sqrt(K)) v inside each segment (and causal if asked) with the kernel
-  `implementation` (a `model.attention` value) resolves to; the one dispatch point."""
+  `implementation` (a `model.attention` value) resolves to; the one dispatch point. What the
+  backward pass needs of it is tagged `context` for the remat policies: the output of XLA's
+  attention, the residuals (output and logsumexp) inside the splash kernel."""
   impl = resolve_implementation(implementation, q_BxLxHxK.dtype)
   if impl in ("splash", "splash_interpret"):
     return splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, causal=causal,
                             interpret=impl == "splash_interpret")
   mask = None if segment_ids_BxL is None else attention_mask(segment_ids_BxL)
-  return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask, is_causal=causal,
-                                      implementation=impl)
+  out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask, is_causal=causal,
+                                             implementation=impl)
+  return checkpoint_name(out_BxLxHxK, "context")
 
 
 def attention_mask(segment_ids_BxL: Int[Array, "B L"], causal: bool = False) -> Bool[Array, "B 1 L L"]:
@@ -103,5 +106,5 @@ class Attention(nnx.Module):
     v_BxLxGxK = constrain(v_BxLxGxK, _ACT_BLGK)
     out_BxLxHxK = attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, causal=self.causal,
                          implementation=self.implementation)
-    out_BxLxHxK = checkpoint_name(constrain(out_BxLxHxK, _ACT_BLHK), "context")
+    out_BxLxHxK = constrain(out_BxLxHxK, _ACT_BLHK)
     return checkpoint_name(jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo[...].astype(dt)), "out_proj")

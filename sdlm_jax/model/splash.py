@@ -16,6 +16,9 @@ tiles, and tiles the static mask (causal) zeroes are skipped. Segment ids (packe
   cost model (sdlm-aot's MFU would then be inflated). `_declared_costs` supplies each of its
   pallas_calls (forward, dq, dkv) with the FLOPs, exponentials and HBM bytes it does, counting
   only the tiles the mask leaves; see `kernel_costs`.
+- Remat: the forward kernel tags its residuals (output, logsumexp) `context`, as MaxText does,
+  so a policy that saves `context` keeps them and the backward pass does not rerun the forward
+  kernel to get them back; any other policy reruns it.
 - `interpret=True` runs the same kernel in Pallas TPU interpret mode on any platform (tests).
 """
 
@@ -37,6 +40,9 @@ from sdlm_jax.parallel.sharding import logical_to_spec
 LANES = 128            # the kernel's tiles are multiples of this many rows
 MAX_BLOCK = 512        # tile edge (MaxText's default sa_block_* for TPU)
 PAD_SEGMENT = -1       # segment id of the rows added to reach a multiple of LANES
+# The checkpoint name of the kernel's residuals (its output and logsumexp): a remat policy that
+# saves it (`minimal_with_context`) spares the backward pass a rerun of the forward kernel.
+RESIDUAL_NAME = "context"
 _ACT_BLHK = ("activation_batch", "activation_length", "activation_heads", None)
 _ACT_BLGK = ("activation_batch", "activation_length", "activation_kv_heads", None)
 _ACT_BL = ("activation_batch", "activation_length")
@@ -127,7 +133,8 @@ def _kernel(spec: Spec):
   blocks = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                              block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
   make = splash.make_splash_mqa_single_device if spec.mqa else splash.make_splash_mha_single_device
-  return make(splash.MultiHeadMask([mask] * spec.q_heads), block_sizes=blocks, interpret=spec.interpret)
+  return make(splash.MultiHeadMask([mask] * spec.q_heads), block_sizes=blocks, interpret=spec.interpret,
+              residual_checkpoint_name=RESIDUAL_NAME)
 
 
 def _run(spec: Spec, q, k, v, segment_ids_BxL):

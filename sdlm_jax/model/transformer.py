@@ -28,9 +28,10 @@ from sdlm_jax.parallel.sharding import constrain
 
 _POLICIES = jax.checkpoint_policies
 # Names the block tags its matmul outputs with (jax.ad_checkpoint.checkpoint_name), as MaxText
-# does: attention's q/k/v projections, its output before the projection ("context", the
-# attention kernel's result) and after it, and the gated FFN's (dense, shared or expert) two
-# input projections and output projection.
+# does: attention's q/k/v projections, what the attention kernel keeps for its backward pass
+# ("context": XLA attention's output, or the splash kernel's output and logsumexp), attention's
+# output projection, and the gated FFN's (dense, shared or expert) two input projections and
+# output projection.
 QKV_NAMES = ("query_proj", "key_proj", "value_proj")
 MLP_NAMES = ("mlpwi_0", "mlpwi_1", "mlpwo")
 # What a block keeps for the backward pass (everything else is recomputed). The named ones
@@ -40,7 +41,7 @@ REMAT_POLICIES = {
     "full": _POLICIES.nothing_saveable,                 # keep only the block's input
     # the projections' outputs, so only norms, RoPE, activations and attention are recomputed
     "minimal": _POLICIES.save_only_these_names(*QKV_NAMES, "out_proj", *MLP_NAMES),
-    # ... and the attention kernel's output too: nothing but elementwise work is recomputed
+    # ... and the attention kernel's residuals too: nothing but elementwise work is recomputed
     "minimal_with_context": _POLICIES.save_only_these_names(*QKV_NAMES, "context", "out_proj", *MLP_NAMES),
     "save_dot_except_mlp": _POLICIES.save_only_these_names(*QKV_NAMES, "out_proj"),  # recompute the FFN
     "save_qkv_proj": _POLICIES.save_only_these_names(*QKV_NAMES),

@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from pallas_kernels import target
 from sdlm_jax.diffusion import objectives
 from sdlm_jax.model.moe import update_selection_biases
+from sdlm_jax.parallel.compiler_options import train_step_options
 
 
 def step_rng(seed: int, step):
@@ -94,4 +96,5 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, lr_
     return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
   out_shardings = None if state_shardings is None else (*state_shardings, None)
-  return jax.jit(train_step, donate_argnums=(0, 1), out_shardings=out_shardings)
+  return jax.jit(train_step, donate_argnums=(0, 1), out_shardings=out_shardings,
+                 compiler_options=train_step_options(target.platform()))

@@ -47,8 +47,16 @@ class RunRecords:
             and int(self.final_eval.get("step", -1)) >= self.num_steps)
 
   def epoch_at(self, step: int) -> float | None:
-    """Epochs of training data seen by `step` (from the training line logged there), or None."""
-    return next((m.get("epoch") for m in self.train if m["step"] == step), None)
+    """Epochs of training data seen by `step`, or None where no training line logs epochs.
+
+    Every step takes the same number of tokens, so epochs grow in proportion to steps: the
+    value is the nearest logged line's, scaled (exact at a logged step). Evaluations every
+    epoch fall between the logged lines (train.log_every)."""
+    logged = [(int(m["step"]), m["epoch"]) for m in self.train if m.get("epoch") is not None and m["step"] > 0]
+    if not logged:
+      return None
+    near_step, near_epoch = min(logged, key=lambda point: abs(point[0] - step))
+    return near_epoch * step / near_step
 
   @property
   def is_moe(self) -> bool:

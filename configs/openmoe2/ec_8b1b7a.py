@@ -97,7 +97,8 @@ def get_config(arg: str = ""):
   moe.first_k_dense = 0
   moe.load_balance_weight = 0.0
   moe.z_loss_weight = 0.0
-  # benchmarks/remat_policies.py on v5p-128 at batch 256: 18.6 GiB per chip, 0.457 s; none is
-  # 0.390 s at 53.5 GiB, over a quarter of the HBM (README, "Splash attention and remat policies").
-  c.model.remat = "minimal"
+  # benchmarks/remat_policies.py on v5p-128 at batch 256: 16.8 GiB per chip, 0.445 s (minimal:
+  # 0.457 s at 18.6 GiB); none is 0.390 s at 53.5 GiB, over a quarter of the HBM (README, "Splash
+  # attention and remat policies").
+  c.model.remat = "minimal_with_context"
   return recipes.finish(c, arg, VARIANTS)

@@ -6,7 +6,7 @@ bytes of an all-gather, and a whole-size buffer live. The options below are the 
 set TPU trainers pass through LIBTPU_INIT_ARGS on v5p/v6e (MaxText's, for instance): async
 all-gathers fused into collective fusions that overlap the TensorCore's compute, with
 `prefer_async_allgather_to_allreduce` keeping the gathers as all-gathers. sdlm-aot measures
-their effect (README, "Fit check on a CPU machine"). Other platforms get none.
+their effect (README, "Splash attention and remat policies"). Other platforms get none.
 """
 
 TPU_COLLECTIVES = {

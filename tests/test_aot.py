@@ -85,8 +85,6 @@ def test_expert_parallel_programs_move_tokens_with_all_to_all(router, collective
   assert report["collectives"].get(collective, (0, 0))[0] >= 2, report["collectives"]  # forward and backward
 
 
-
-
 def test_fsdp_weight_gathers_are_all_gathers_not_all_reduces():
   """One layer of the 1.7B seed (FSDP over v5p-128's 64 chips): with the train step's TPU
   compiler options its weight gathers compile to all-gathers. libtpu's default makes each an
@@ -100,6 +98,7 @@ def test_fsdp_weight_gathers_are_all_gathers_not_all_reduces():
   layer_weight_bytes = 2 * (4 * m.d_model * m.num_heads * m.head_dim + 3 * m.d_model * m.mlp_dim)  # bf16
   assert report["collectives"].get("all-gather", (0, 0))[0] >= 1, report["collectives"]
   assert report["collectives"]["all-reduce"][1] < 2 * layer_weight_bytes, report["collectives"]
+
 
 def _sdlm_aot(*args):
   return subprocess.run([sys.executable, "-m", "sdlm_jax.cli.aot", *args], cwd=REPO, capture_output=True,

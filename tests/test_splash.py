@@ -126,19 +126,23 @@ def test_attend_dispatch_rejects_unknown_names():
     attend(q, k, v, seg, causal=False, implementation="flash")
 
 
+def _block_loss(remat, attention="auto"):
+  """sum(one rematerialised smoke-size block's output) as a function of (params, x), with its
+  params and a [2, 16] input."""
+  cfg = demo.get_config("smoke").model
+  cfg.dtype, cfg.attention = "float32", attention
+  graphdef, state = nnx.split(Block(cfg, is_moe=False, rngs=nnx.Rngs(0)))
+  run = _run_block(remat)
+  pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+  return lambda s, x: jnp.sum(run(graphdef, s, x, None, pos, None)[0]), state, jnp.ones((2, 16, cfg.d_model))
+
+
 def _saved_names(remat):
   """The checkpoint names among the residuals one rematerialised block keeps for backward,
   and the residual shapes."""
-  cfg = demo.get_config("smoke").model
-  cfg.dtype = "float32"
-  graphdef, state = nnx.split(Block(cfg, is_moe=False, rngs=nnx.Rngs(0)))
-  run = _run_block(remat)
-  x = jnp.ones((2, 16, cfg.d_model))
-  pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    jax.ad_checkpoint.print_saved_residuals(
-        lambda s, x: jnp.sum(run(graphdef, s, x, None, pos, None)[0]), state, x)
+    jax.ad_checkpoint.print_saved_residuals(*_block_loss(remat))
   lines = out.getvalue().splitlines()
   return {line.split("named '")[1].split("'")[0] for line in lines if "named '" in line}, lines
 
@@ -172,12 +176,7 @@ def _kernel_calls(jaxpr, calls):
 def test_saving_context_spares_the_backward_a_rerun_of_the_forward_kernel(remat, forward_runs):
   """The kernel tags its residuals `context`: a policy that saves it runs the forward kernel
   once per step, as no remat does; the others rerun it in the backward pass."""
-  cfg = demo.get_config("smoke").model
-  cfg.dtype, cfg.attention = "float32", "splash_interpret"
-  graphdef, state = nnx.split(Block(cfg, is_moe=False, rngs=nnx.Rngs(0)))
-  run = _run_block(remat)
-  x = jnp.ones((2, 16, cfg.d_model))
-  pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
-  grad_jaxpr = jax.make_jaxpr(jax.grad(lambda s, x: jnp.sum(run(graphdef, s, x, None, pos, None)[0])))(state, x)
+  loss, state, x = _block_loss(remat, attention="splash_interpret")
+  grad_jaxpr = jax.make_jaxpr(jax.grad(loss))(state, x)
   calls = collections.Counter(_kernel_calls(grad_jaxpr.jaxpr, []))
   assert calls == {"fwd": forward_runs, "dq": 1, "dkv": 1}, calls

@@ -57,17 +57,19 @@ def test_markdown_table_rounds_and_marks_missing_values():
   assert line.startswith("| a | c.py | finished | 8.4M | – | 2.05M |") and line.endswith("| 12m34s |")
 
 
-
 def test_epochs_at_evaluations_between_logged_lines():
   """Per-epoch evaluations fall between the training lines (logged every 20 steps here): their
   epoch is the nearest logged line's scaled by steps (hand case: 2048 tokens/step over 204,800
   unique tokens is 0.01 epochs per step)."""
   train = [{"step": s, "loss": 1.0, "epoch": s * 0.01} for s in range(20, 201, 20)]
-  records = run_dir.RunRecords(workdir="w", config=ml_collections.ConfigDict(), train=train, val=[], final_eval=None, sweep=None)
+  records = run_dir.RunRecords(workdir="w", config=ml_collections.ConfigDict(), train=train, val=[], final_eval=None,
+                               sweep=None)
   assert records.epoch_at(100) == pytest.approx(1.0)   # logged
   assert records.epoch_at(99) == pytest.approx(0.99)   # between lines
   assert records.epoch_at(250) == pytest.approx(2.5)   # after the last line
-  assert run_dir.RunRecords("w", ml_collections.ConfigDict(), [{"step": 5, "loss": 1.0}], [], None, None).epoch_at(5) is None
+  unlogged = run_dir.RunRecords("w", ml_collections.ConfigDict(), [{"step": 5, "loss": 1.0}], [], None, None)
+  assert unlogged.epoch_at(5) is None
+
 
 @pytest.mark.slow
 def test_sweep_of_three_demo_variants_writes_tables_and_plots_and_skips_finished_runs(tmp_path):

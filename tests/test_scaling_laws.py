@@ -241,6 +241,18 @@ def test_isoflop_head_dim_sets_the_family_width(tmp_path):
     assert p["d_model"] == m.d_model and param_counts(m)["active"] == p["params"]
 
 
+def test_isoflop_kv_group_makes_every_depth_a_member(tmp_path):
+  proc = _sdlm_scaling("isoflop", "--budgets", "1e12", "--sizes", "4", "--base", "configs/demo.py:dense",
+                       "--head_dim", "8", "--kv_group", "1", "--out", str(tmp_path))
+  assert proc.returncode == 0, proc.stderr
+  with open(tmp_path / plan.MANIFEST) as f:
+    points = json.load(f)["points"]
+  assert [p["layers"] for p in points] == [1, 2, 3, 4]  # with the demo's group of 2: 2, 4, 6, 8
+  for p in points:
+    m = plan.load_config_file(str(tmp_path / p["config"])).model
+    assert (m.num_heads, m.num_kv_heads, m.d_model) == (p["layers"], p["layers"], p["layers"] * 8)
+
+
 # ---------------------------------------------------------------- CLI errors
 
 @pytest.mark.parametrize("args, flag", [
@@ -251,6 +263,8 @@ def test_isoflop_head_dim_sets_the_family_width(tmp_path):
     (["isoflop", "--budgets", "1e17", "--sizes", "0", "--base", "configs/demo.py", "--out", "/tmp/x"], "--sizes"),
     (["isoflop", "--budgets", "1e17", "--sizes", "2", "--base", "configs/demo.py", "--head_dim", "0", "--out", "/tmp/x"],
      "--head_dim"),
+    (["isoflop", "--budgets", "1e17", "--sizes", "2", "--base", "configs/demo.py", "--kv_group", "3", "--out", "/tmp/x"],
+     "--kv_group"),
 ])
 def test_cli_errors_are_one_line_naming_the_flag(args, flag):
   proc = _sdlm_scaling(*args)

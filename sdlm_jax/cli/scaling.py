@@ -247,6 +247,13 @@ def _cmd_isoflop(args, parser):
     if args.head_dim < 1:
       parser.error(f"--head_dim={args.head_dim}; allowed values: an integer >= 1")
     base.model.head_dim = args.head_dim
+  if args.kv_group is not None:
+    heads = base.model.num_heads
+    divisors = [g for g in range(1, heads + 1) if heads % g == 0]
+    if args.kv_group not in divisors:
+      parser.error(f"--kv_group={args.kv_group}; allowed values: divisors of the base's num_heads ({heads}): "
+                   f"{', '.join(map(str, divisors))}")
+    base.model.num_kv_heads = heads // args.kv_group
   try:
     points, skipped = plan.plan_sweep(base, args.budgets, args.sizes, args.span)
   except ValueError as err:
@@ -296,6 +303,8 @@ def build_parser():
   i.add_argument("--span", type=float, default=10.0, help="largest / smallest target size per budget")
   i.add_argument("--head_dim", type=int, help="the family's head_dim = d_model / layers (default: the base's); "
                  "smaller values give smaller members for small budgets")
+  i.add_argument("--kv_group", type=int, help="query heads per kv head of the family (default: the base's); "
+                 "depths are its multiples, so 1 makes every depth a member")
   return parser
 
 

@@ -4,8 +4,9 @@
   python benchmarks/isoflop_sweep.py --smoke        # 2 tiny budgets x 3 sizes of the smoke model, minutes
 
 1. `sdlm-scaling isoflop` plans the sweep from the demo's dense model (configs/demo.py:dense)
-   with --head_dim 8 (sdlm_jax/scaling/plan.py: layers = heads, d_model = layers x 8, the demo's
-   FFN ratio 3; steps from the exact FLOPs count) and writes one config per (budget, size) and
+   with --head_dim 8 --kv_group 1 (sdlm_jax/scaling/plan.py: layers = heads = kv heads,
+   d_model = layers x 8, the demo's FFN ratio 3; steps from the exact FLOPs count) and writes
+   one config per (budget, size) and
    sweep.json into OUT/configs.
 2. `sdlm-sweep` trains every config in OUT/runs/NAME (an interrupted sweep resumes: finished
    runs are kept, a run with checkpoints resumes from them) and writes its summary and plots.
@@ -13,15 +14,17 @@
    in nats/token from eval.json), budget; then `sdlm-scaling fit` fits the parametric law and the
    IsoFLOP power laws and writes OUT/isoflop.png and OUT/frontier.png.
 
-The defaults fit a 2-core CPU machine in well under an hour: budgets 1e12, 2.5e12 and 6.25e12
-FLOPs (3.9e13 in all, 26K steps), where Quokka's law puts N_opt at 32K-82K parameters. The
-demo's own width (head_dim 64) starts at 1M parameters, so the family here uses head_dim 8:
-2, 4, 6 and 8 layers are 39K, 115K, 265K and 526K active parameters (the tied 2048-token
-embedding included, which is most of the smallest), spread around that prior. This is a
-toy-scale law: tiny models, a 2M-token corpus repeated up to ~11 times by the smallest model at
-the largest budget, one seed, one learning rate for every size, and runs of a few hundred steps
-that have barely left the unigram plateau every masked-diffusion run starts on. It shows the
-method end to end; its coefficients say nothing about real scales.
+The defaults fit a 2-core CPU machine in under two hours (99 minutes, sharing it with other
+jobs): budgets 1e12, 2.5e12 and 6.25e12 FLOPs (3.9e13 in all, 62K steps of 16 x 128 tokens),
+where Quokka's law puts N_opt at 32K-82K parameters. The demo's own width (head_dim 64) starts at 1M parameters, so the family here
+uses head_dim 8 and one query head per kv head, which makes every depth a member: 1 to 6
+layers are 17K to 279K active parameters (the tied 2048-token embedding included, which is
+most of the smallest), four of them per budget spread around that prior. This is a toy-scale
+law: tiny models, a 2M-token corpus repeated up to ~27 times by the smallest model at the
+largest budget, one seed, one learning rate for every size, and short runs: every
+masked-diffusion run starts on a plateau at the unigram loss, and when a run leaves it
+depends on the run. It shows the method end to end; its coefficients say nothing about real
+scales.
 """
 
 import argparse
@@ -52,6 +55,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--base", default="configs/demo.py:dense")
   parser.add_argument("--head_dim", type=int, default=8, help="the family's d_model / layers")
+  parser.add_argument("--kv_group", type=int, default=1, help="query heads per kv head: 1 makes every depth a member")
   parser.add_argument("--budgets", default="1e12,2.5e12,6.25e12")
   parser.add_argument("--sizes", type=int, default=4)
   parser.add_argument("--out", default="runs/isoflop")
@@ -67,7 +71,7 @@ def main():
   out = os.path.abspath(args.out)
   config_dir = os.path.join(out, "configs")
   scaling_cli.main(["isoflop", "--budgets", args.budgets, "--sizes", str(args.sizes), "--base", args.base,
-                    "--head_dim", str(args.head_dim), "--out", config_dir])
+                    "--head_dim", str(args.head_dim), "--kv_group", str(args.kv_group), "--out", config_dir])
   with open(os.path.join(config_dir, plan.MANIFEST)) as f:
     points = json.load(f)["points"]
   sets = ["data.source=text_files", f"data.paths={args.data_paths}"] if args.data_paths else []

@@ -183,7 +183,7 @@ OUT_OF_RANGE = [
     ("train.optimizer.lr", NAN, "a finite number > 0"),
     ("train.optimizer.lr", INF, "a finite number > 0"),
     ("train.optimizer.decay_fraction", NAN, "a finite number in [0, 1]"),
-    ("train.optimizer.warmup_steps", -1, "an integer in [0, 1000]"),
+    ("train.optimizer.warmup_steps", -1, "an integer in [0, 800]"),  # [0, train.num_steps]
     ("train.eval_every", -1, "an integer >= 0"),
     ("model.init_std", -1.0, "a finite number > 0"),
     ("model.rope_theta", 0.0, "a finite number > 0"),

@@ -33,7 +33,7 @@ setup(
         "etils[epath,epath-gcs]>=1.15",  # every path, local or gs:// (gcsfs); orbax uses epath too
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "beartype>=0.23",
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "beartype>=0.23",
                  "gcp-storage-emulator>=2024.8"],
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
         "gpu": [f"jax[cuda12]=={JAX_VERSION}"],

@@ -6,8 +6,7 @@
 1. `sdlm-scaling isoflop` plans the sweep from the demo's dense model (configs/demo.py:dense)
    with --head_dim 8 --kv_group 1 (sdlm_jax/scaling/plan.py: layers = heads = kv heads,
    d_model = layers x 8, the demo's FFN ratio 3; steps from the exact FLOPs count) and writes
-   one config per (budget, size) and
-   sweep.json into OUT/configs.
+   one config per (budget, size) and sweep.json into OUT/configs.
 2. `sdlm-sweep` trains every config in OUT/runs/NAME (an interrupted sweep resumes: finished
    runs are kept, a run with checkpoints resumes from them) and writes its summary and plots.
 3. OUT/runs.csv gets one row per run: params (active), tokens, loss (the validation ELBO bound
@@ -16,10 +15,11 @@
 
 The defaults fit a 2-core CPU machine in under two hours (99 minutes, sharing it with other
 jobs): budgets 1e12, 2.5e12 and 6.25e12 FLOPs (3.9e13 in all, 62K steps of 16 x 128 tokens),
-where Quokka's law puts N_opt at 32K-82K parameters. The demo's own width (head_dim 64) starts at 1M parameters, so the family here
-uses head_dim 8 and one query head per kv head, which makes every depth a member: 1 to 6
-layers are 17K to 279K active parameters (the tied 2048-token embedding included, which is
-most of the smallest), four of them per budget spread around that prior. This is a toy-scale
+where Quokka's law puts N_opt at 32K-82K parameters. The demo's own width (head_dim 64)
+starts at 1M parameters, so the family here uses head_dim 8 and one query head per kv head,
+which makes every depth a member: 1 to 6 layers are 17K to 279K active parameters (the tied
+2048-token embedding included, which is most of the smallest), four of them per budget spread
+around that prior. This is a toy-scale
 law: tiny models, a 2M-token corpus repeated up to ~27 times by the smallest model at the
 largest budget, one seed, one learning rate for every size, and short runs: every
 masked-diffusion run starts on a plateau at the unigram loss, and when a run leaves it

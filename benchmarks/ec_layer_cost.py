@@ -33,7 +33,7 @@ from sdlm_jax.model.attention import Attention  # noqa: E402
 from sdlm_jax.model.mlp import SwiGLU  # noqa: E402
 from sdlm_jax.model.moe import MoE  # noqa: E402
 from sdlm_jax.model.splash import splash_attention  # noqa: E402
-from sdlm_jax.model.transformer import Block, _run_block  # noqa: E402
+from sdlm_jax.model.transformer import Block, run_block  # noqa: E402
 
 TOPOLOGY = "v5p:2x2x1"  # the default; compiled for one chip of it
 BATCH, LENGTH = 4, 2048
@@ -65,7 +65,7 @@ def _block_grad(cfg, is_moe: bool, remat: str = "none"):
   graphdef, state = nnx.split(Block(cfg, is_moe, rngs=nnx.Rngs(0)))
   state = jax.tree.map(lambda a: _spec(a.shape, a.dtype), state)
   ids = _spec((BATCH, LENGTH), jnp.int32)
-  run = _run_block(remat)
+  run = run_block(remat)
 
   def loss(s, x, segment_ids, positions):
     y = run(graphdef, s, x, segment_ids, positions, jnp.ones((BATCH, LENGTH), bool))[0]

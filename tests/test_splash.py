@@ -20,7 +20,7 @@ from jax.extend.core import jaxprs_in_params
 from sdlm_jax.config_files import repo_module
 from sdlm_jax.model import splash
 from sdlm_jax.model.attention import attend, attention_mask
-from sdlm_jax.model.transformer import Block, Transformer, _run_block
+from sdlm_jax.model.transformer import Block, Transformer, run_block
 
 demo = repo_module("demo")
 
@@ -132,7 +132,7 @@ def _block_loss(remat, attention="auto"):
   cfg = demo.get_config("smoke").model
   cfg.dtype, cfg.attention = "float32", attention
   graphdef, state = nnx.split(Block(cfg, is_moe=False, rngs=nnx.Rngs(0)))
-  run = _run_block(remat)
+  run = run_block(remat)
   pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
   return lambda s, x: jnp.sum(run(graphdef, s, x, None, pos, None)[0]), state, jnp.ones((2, 16, cfg.d_model))
 

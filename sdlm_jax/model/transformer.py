@@ -73,7 +73,7 @@ class Block(nnx.Module):
     return constrain(x_BxLxD + y_BxLxD, ACT_BLD), (losses, stats)
 
 
-def _run_block(remat: str):
+def run_block(remat: str):
   """run(graphdef, block_state, x, ...): the block applied, rematerialised by `remat`'s policy.
 
   Pure JAX (merge inside, jax.checkpoint / lax.scan outside) so that a stack can run under any
@@ -116,7 +116,7 @@ class LayerStack(nnx.Module):
 
   def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, token_mask_BxL):
     """Returns (x_BxLxD, per-layer (losses, stats) stacked on a leading axis; None if dense)."""
-    run = _run_block(self.remat)
+    run = run_block(self.remat)
     if self.scan:
       graphdef, state = nnx.split(self.blocks)
       body = lambda x, block_state: run(graphdef, block_state, x, segment_ids_BxL, positions_BxL, token_mask_BxL)

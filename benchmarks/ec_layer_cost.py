@@ -25,9 +25,8 @@ from flax import nnx  # noqa: E402
 from sdlm_jax.config_files import repo_module  # noqa: E402
 
 dense_1b7, ec_8b1b7a = repo_module("openmoe2/dense_1b7"), repo_module("openmoe2/ec_8b1b7a")
-from pallas_kernels import aot, reference  # noqa: E402
+from pallas_kernels import aot, reference, target  # noqa: E402
 from sdlm_jax.aot import ESTIMATE_OPTIONS  # noqa: E402
-from pallas_kernels.target import CHIPS  # noqa: E402
 from sdlm_jax.model import routing  # noqa: E402
 from sdlm_jax.model.attention import Attention  # noqa: E402
 from sdlm_jax.model.mlp import SwiGLU  # noqa: E402
@@ -94,7 +93,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--topology", default=TOPOLOGY, help="TPU topology to compile for (one chip of it is used)")
   topology = parser.parse_args().topology
-  peak = CHIPS[aot.chip_of(topology)].bf16_flops
+  peak = target.CHIPS[aot.chip_of(topology)].bf16_flops
   dense_cfg = dense_1b7.get_config().model
   positions = jnp.broadcast_to(jnp.arange(LENGTH), (BATCH, LENGTH))
   idx, gates = _spec((1, E, C), jnp.int32), _spec((1, E, C))

@@ -19,12 +19,11 @@ where Quokka's law puts N_opt at 32K-82K parameters. The demo's own width (head_
 starts at 1M parameters, so the family here uses head_dim 8 and one query head per kv head,
 which makes every depth a member: 1 to 6 layers are 17K to 279K active parameters (the tied
 2048-token embedding included, which is most of the smallest), four of them per budget spread
-around that prior. This is a toy-scale
-law: tiny models, a 2M-token corpus repeated up to ~27 times by the smallest model at the
-largest budget, one seed, one learning rate for every size, and short runs: every
-masked-diffusion run starts on a plateau at the unigram loss, and when a run leaves it
-depends on the run. It shows the method end to end; its coefficients say nothing about real
-scales.
+around that prior. This is a toy-scale law: tiny models, a 2M-token corpus repeated up to ~30
+times by the smallest model at the largest budget, one seed, one learning rate for every size,
+and short runs: every masked-diffusion run starts on a plateau at the unigram loss, and when a
+run leaves it depends on the run. It shows the method end to end; its coefficients say nothing
+about real scales.
 """
 
 import argparse

@@ -1,5 +1,8 @@
 """Transformer: masks, GQA, packing, shapes, gradients, aux contract, logical axes, meshes."""
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,10 +12,14 @@ from flax import nnx
 from sdlm_jax.config_files import repo_module
 from pallas_kernels import target
 from sdlm_jax.model.attention import Attention, resolve_implementation
+from sdlm_jax.model.layers import apply_rope
 from sdlm_jax.model.moe import MoE
 from sdlm_jax.model.transformer import Transformer
 from sdlm_jax.parallel.mesh import make_mesh, sharding_context
 from sdlm_jax.parallel.rules import get_rules
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy_forward  # noqa: E402  pylint: disable=wrong-import-position
 
 demo = repo_module("demo")
 
@@ -36,6 +43,20 @@ _forward = nnx.jit(lambda model, tokens, seg=None, pos=None: model(tokens, segme
 
 def _x(seed, shape):
   return jnp.asarray(np.random.default_rng(seed).normal(size=shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_rope_rotates_like_the_float64_formula_in_the_compute_dtype(dtype, tolerance):
+  """Packed positions (restarting at a document boundary), 2 heads of 8: float64 NumPy's
+  rotation, in float32 to float32 rounding and in bfloat16 (the dtype it returns and computes
+  in) to bfloat16's."""
+  x = _x(0, (2, 12, 2, 8))
+  positions = jnp.asarray([list(range(12)), list(range(5)) + list(range(7))], jnp.int32) * 97
+  got = apply_rope(x.astype(dtype), positions, 10_000.0)
+  assert got.dtype == dtype
+  for row in range(2):
+    want = numpy_forward.rope(np.asarray(x[row].astype(dtype), np.float64), np.asarray(positions[row]), 10_000.0)
+    np.testing.assert_allclose(np.asarray(got[row], np.float64), want, rtol=tolerance, atol=tolerance)
 
 
 def test_attention_isolates_segments_and_tolerates_padding():

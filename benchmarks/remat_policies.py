@@ -23,7 +23,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 from sdlm_jax import aot  # noqa: E402
 from sdlm_jax.config_files import repo_module  # noqa: E402
 
-POLICIES = ("full", "minimal", "minimal_with_context", "save_dot_except_mlp", "none")
+POLICIES = ("full", "minimal", "minimal_with_context", "minimal_with_context_and_rope", "save_dot_except_mlp", "none")
 
 
 def rows_for(config: str, slice_name: str, attention: str, policies, batch_size: int | None):

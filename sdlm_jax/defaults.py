@@ -35,8 +35,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.attention = "auto"         # auto (TPU: splash, GPU: cudnn for bf16/f16, else xla) | xla | cudnn | splash | splash_interpret
   m.scan_layers = True         # stack each run of identical layers under one nnx.scan (compile time flat in depth)
   m.remat = "full"             # what a block keeps for backward (sdlm_jax/model/transformer.py REMAT_POLICIES):
-                               # none | full | minimal | minimal_with_context | save_dot_except_mlp | save_qkv_proj
-                               # | save_dots | save_dots_no_batch | offload
+                               # none | full | minimal | minimal_with_context | minimal_with_context_and_rope |
+                               # save_dot_except_mlp | save_qkv_proj | save_dots | save_dots_no_batch | offload
 
   moe = m.moe = ml_collections.ConfigDict()
   moe.num_experts = 0          # 0: every layer uses a dense FFN

@@ -277,7 +277,8 @@ def test_splash_attention_needs_a_tpu_and_interpret_mode_runs_anywhere():
   validate(cfg, platform="cpu")
 
 
-@pytest.mark.parametrize("remat", ["minimal", "minimal_with_context", "save_dot_except_mlp", "save_qkv_proj"])
+@pytest.mark.parametrize("remat", ["minimal", "minimal_with_context", "minimal_with_context_and_rope",
+                                   "save_dot_except_mlp", "save_qkv_proj"])
 def test_named_remat_policies_validate(remat):
   cfg = demo.get_config("ec")
   cfg.model.remat = remat

@@ -16,7 +16,7 @@ from sdlm_jax import recipes
 def get_config(arg: str = ""):
   c = recipes.dense_1b7()
   # Chosen with benchmarks/remat_policies.py on v5p-128 at batch 256 (README, "Splash attention
-  # and remat policies"): the fastest policy within a quarter of the chip's HBM (15.4 GiB, 0.322 s;
-  # minimal: 0.334 s; full: 0.393 s, none: 0.314 s at 40.9 GiB, both before the collective options).
-  c.model.remat = "minimal_with_context"
+  # and remat policies"): the fastest policy within a quarter of the chip's HBM (17.1 GiB, 0.302 s;
+  # minimal_with_context: 0.308 s at 15.4 GiB; none: 0.298 s at 40.8 GiB).
+  c.model.remat = "minimal_with_context_and_rope"
   return recipes.finish(c, arg)

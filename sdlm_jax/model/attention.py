@@ -101,8 +101,11 @@ class Attention(nnx.Module):
     v_BxLxGxK = checkpoint_name(jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wv[...].astype(dt)), "value_proj")
     if self.q_norm is not None:
       q_BxLxHxK, k_BxLxGxK = self.q_norm(q_BxLxHxK), self.k_norm(k_BxLxGxK)
-    q_BxLxHxK = constrain(apply_rope(q_BxLxHxK, positions_BxL, self.rope_theta), _ACT_BLHK)
-    k_BxLxGxK = constrain(apply_rope(k_BxLxGxK, positions_BxL, self.rope_theta), _ACT_BLGK)
+    # The kernel's inputs (after QK-norm and RoPE), named for the policies that keep them.
+    q_BxLxHxK = constrain(checkpoint_name(apply_rope(q_BxLxHxK, positions_BxL, self.rope_theta), "query_rope"),
+                          _ACT_BLHK)
+    k_BxLxGxK = constrain(checkpoint_name(apply_rope(k_BxLxGxK, positions_BxL, self.rope_theta), "key_rope"),
+                          _ACT_BLGK)
     v_BxLxGxK = constrain(v_BxLxGxK, _ACT_BLGK)
     out_BxLxHxK = attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, causal=self.causal,
                          implementation=self.implementation)

@@ -13,6 +13,7 @@ its top-k experts, gates normalised over those k. The formulas: docs/formulas.md
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Float32, Int, Int32, Real
 
 import pallas_kernels
@@ -55,6 +56,7 @@ def expert_choice(logits_GxNxE: Float[Array, "G N E"], token_mask_GxN: Bool[Arra
   select_GxNxE = jnp.where(token_mask_GxN[..., None], logits_GxNxE, _PAD_SCORE)
   token_idx_GxExC, _ = pallas_kernels.expert_choice(jax.lax.stop_gradient(select_GxNxE), capacity,
                                                     backend=backend)
+  token_idx_GxExC = checkpoint_name(token_idx_GxExC, "routing")  # the remat policies keep it: no top-C rerun
   g_idx = jnp.arange(num_groups)[:, None, None]
   e_idx = jnp.arange(num_experts)[None, :, None]
   picked_GxNxE = jnp.zeros(logits_GxNxE.shape, bool).at[g_idx, token_idx_GxExC, e_idx].set(True)

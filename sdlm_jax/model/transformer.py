@@ -31,18 +31,25 @@ _POLICIES = jax.checkpoint_policies
 # does: attention's q/k/v projections, what the attention kernel keeps for its backward pass
 # ("context": XLA attention's output, or the splash kernel's output and logsumexp), attention's
 # output projection, and the gated FFN's (dense, shared or expert) two input projections and
-# output projection.
+# output projection. Also q and k as the attention kernel takes them, after QK-norm and RoPE,
+# and expert choice's picks ("routing": each expert's token indices, a few hundred KiB a layer).
 QKV_NAMES = ("query_proj", "key_proj", "value_proj")
+ROPE_NAMES = ("query_rope", "key_rope")
 MLP_NAMES = ("mlpwi_0", "mlpwi_1", "mlpwo")
+_MINIMAL = (*QKV_NAMES, "out_proj", *MLP_NAMES, "routing")
 # What a block keeps for the backward pass (everything else is recomputed). The named ones
-# follow MaxText's remat policies of the same name.
+# follow MaxText's remat policies of the same name (with expert choice's picks kept as well).
 REMAT_POLICIES = {
     "none": None,                                       # no remat: keep every activation
     "full": _POLICIES.nothing_saveable,                 # keep only the block's input
-    # the projections' outputs, so only norms, RoPE, activations and attention are recomputed
-    "minimal": _POLICIES.save_only_these_names(*QKV_NAMES, "out_proj", *MLP_NAMES),
+    # the projections' outputs, so only norms, RoPE, activations, routing's gates and attention
+    # are recomputed
+    "minimal": _POLICIES.save_only_these_names(*_MINIMAL),
     # ... and the attention kernel's residuals too: nothing but elementwise work is recomputed
-    "minimal_with_context": _POLICIES.save_only_these_names(*QKV_NAMES, "context", "out_proj", *MLP_NAMES),
+    "minimal_with_context": _POLICIES.save_only_these_names(*_MINIMAL, "context"),
+    # ... and q, k after QK-norm and RoPE: the backward pass recomputes only the block's norms,
+    # the FFN's activation and EC's gather (two more [B, L, D]-sized activations per layer with MHA)
+    "minimal_with_context_and_rope": _POLICIES.save_only_these_names(*_MINIMAL, "context", *ROPE_NAMES),
     "save_dot_except_mlp": _POLICIES.save_only_these_names(*QKV_NAMES, "out_proj"),  # recompute the FFN
     "save_qkv_proj": _POLICIES.save_only_these_names(*QKV_NAMES),
     "save_dots": _POLICIES.dots_saveable,               # keep every matmul output

@@ -87,11 +87,16 @@ def test_declared_cost_counts_the_tiles_the_mask_leaves():
     costs = splash.kernel_costs(spec if not causal else splash.Spec(**{**spec.__dict__, "causal": True}))
     tile = 512 * 512
     assert costs["fwd"].flops == 16 * pairs * tile * (2 * 128 + 2 * 128)          # QK^T, PV
-    assert costs["dq"].flops == 16 * pairs * tile * (3 * 2 * 128)                  # QK^T, dO V^T, dS K
-    assert costs["dkv"].flops == 16 * pairs * tile * (4 * 2 * 128)                 # + P^T dO, dS^T Q
-    assert costs["fwd"].transcendentals == 16 * pairs * tile
+    # the fused backward: QK^T, dO V^T, P^T dO, dS^T Q, dS K
+    assert costs["dkv"].flops == 16 * pairs * tile * (5 * 2 * 128)
+    assert costs.keys() == {"fwd", "dkv"}
+    assert costs["fwd"].transcendentals == costs["dkv"].transcendentals == 16 * pairs * tile
     # q read and o written once, k and v tiles read once per active pair, the f32 logsumexp written
     assert costs["fwd"].bytes_accessed == 16 * (2 * 1024 * 128 * 2 + 2 * pairs * 512 * 128 * 2 + 4 * 1024)
+    # k, v read and dk, dv written once; q, dO tiles per active pair; logsumexp and its dO.o
+    # term read; a dq partial per (kv tile, q tile), all 4 of them whatever the mask
+    assert costs["dkv"].bytes_accessed == 16 * (4 * 1024 * 128 * 2 + 2 * pairs * 512 * 128 * 2 + 2 * 4 * 1024
+                                                + 4 * 512 * 128 * 2)
   with pytest.raises(StopIteration):
     splash._block(100)  # the caller pads to a multiple of 128 first
 
@@ -150,6 +155,8 @@ def _saved_names(remat):
 @pytest.mark.parametrize("remat, names", [
     ("minimal", {"query_proj", "key_proj", "value_proj", "out_proj", "mlpwi_0", "mlpwi_1"}),
     ("minimal_with_context", {"query_proj", "key_proj", "value_proj", "context", "out_proj", "mlpwi_0", "mlpwi_1"}),
+    ("minimal_with_context_and_rope", {"query_proj", "key_proj", "value_proj", "query_rope", "key_rope", "context",
+                                       "out_proj", "mlpwi_0", "mlpwi_1"}),
     ("save_dot_except_mlp", {"query_proj", "key_proj", "value_proj", "out_proj"}),
     ("save_qkv_proj", {"query_proj", "key_proj", "value_proj"}),
     ("full", set()),
@@ -172,11 +179,12 @@ def _kernel_calls(jaxpr, calls):
   return calls
 
 
-@pytest.mark.parametrize("remat, forward_runs", [("minimal", 2), ("minimal_with_context", 1), ("full", 2), ("none", 1)])
+@pytest.mark.parametrize("remat, forward_runs", [("minimal", 2), ("minimal_with_context", 1),
+                                                 ("minimal_with_context_and_rope", 1), ("full", 2), ("none", 1)])
 def test_saving_context_spares_the_backward_a_rerun_of_the_forward_kernel(remat, forward_runs):
   """The kernel tags its residuals `context`: a policy that saves it runs the forward kernel
   once per step, as no remat does; the others rerun it in the backward pass."""
   loss, state, x = _block_loss(remat, attention="splash_interpret")
   grad_jaxpr = jax.make_jaxpr(jax.grad(loss))(state, x)
   calls = collections.Counter(_kernel_calls(grad_jaxpr.jaxpr, []))
-  assert calls == {"fwd": forward_runs, "dq": 1, "dkv": 1}, calls
+  assert calls == {"fwd": forward_runs, "dkv": 1}, calls  # the fused backward: no separate dq kernel

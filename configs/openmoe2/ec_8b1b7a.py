@@ -97,7 +97,7 @@ def get_config(arg: str = ""):
   moe.first_k_dense = 0
   moe.load_balance_weight = 0.0
   moe.z_loss_weight = 0.0
-  # benchmarks/remat_policies.py on v5p-128 at batch 256: 18.1 GiB per chip, 0.421 s
+  # benchmarks/remat_policies.py on v5p-128 at batch 256: 18.0 GiB per chip, 0.421 s
   # (minimal_with_context: 0.424 s at 16.6 GiB); none was 0.390 s at 53.5 GiB, over a quarter of
   # the HBM (README, "Splash attention and remat policies").
   c.model.remat = "minimal_with_context_and_rope"

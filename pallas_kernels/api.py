@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, ArrayLike, Float, Int, Int32
 
 from pallas_kernels import reference, target
@@ -25,6 +26,11 @@ from pallas_kernels.gmm import gpu as gmm_gpu
 from pallas_kernels.gmm import tpu as gmm_tpu
 
 BACKENDS = ("auto", "xla", "pallas", "interpret", "interpret_gpu")
+# Checkpoint names (jax.ad_checkpoint.checkpoint_name) of the residuals the expert-choice FFN
+# kernel writes for its backward pass: the gathered rows, then the gate and up projections
+# (the names the model gives its FFN projections). All three come out of one kernel call, so a
+# remat policy that keeps all three spares the backward pass a rerun of the whole kernel.
+EC_FFN_RESIDUAL_NAMES = ("expert_rows", "mlpwi_0", "mlpwi_1")
 compile_for = target.compile_for
 
 # implementation -> (kernel module, interpret flag)
@@ -183,9 +189,11 @@ def _ec_ffn_kernel(x_GxNxD, token_idx_GxExC, gates_GxExC, w_gate, w_up, w_down, 
 
 def _ec_ffn_kernel_fwd(x_GxNxD, token_idx_GxExC, gates_GxExC, w_gate, w_up, w_down, tiles, interpret):
   """The kernel also writes the gathered rows and the gate/up projections: the backward pass
-  needs them, and reading them back is cheaper than a second gather and two matmuls."""
-  out, rows, gate, up = ec_ffn_tpu.ec_ffn(x_GxNxD, token_idx_GxExC, gates_GxExC, w_gate, w_up, w_down,
-                                          tiles=tiles, interpret=interpret, residuals=True)
+  needs them, and reading them back is cheaper than a second gather and two matmuls. They are
+  named (EC_FFN_RESIDUAL_NAMES) for remat policies."""
+  out, *saved = ec_ffn_tpu.ec_ffn(x_GxNxD, token_idx_GxExC, gates_GxExC, w_gate, w_up, w_down,
+                                  tiles=tiles, interpret=interpret, residuals=True)
+  rows, gate, up = (checkpoint_name(a, name) for a, name in zip(saved, EC_FFN_RESIDUAL_NAMES))
   return out, (x_GxNxD.shape[1], token_idx_GxExC, gates_GxExC, w_gate, w_up, w_down, rows, gate, up)
 
 

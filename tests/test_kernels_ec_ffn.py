@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend.core import jaxprs_in_params
 
 import pallas_kernels as pk
 from pallas_kernels import aot, target
@@ -129,6 +130,39 @@ def test_moe_layer_with_the_kernel_matches_the_xla_path():
   np.testing.assert_allclose(y_k, y_x, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_x)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _ec_ffn_calls(jaxpr) -> int:
+  """How many of a jaxpr's pallas_calls are the ec_ffn kernel, nested jaxprs included."""
+  here = sum(eqn.primitive.name == "pallas_call" and "ec_ffn" in str(eqn.params) for eqn in jaxpr.eqns)
+  return here + sum(_ec_ffn_calls(sub) for eqn in jaxpr.eqns for sub in jaxprs_in_params(eqn.params))
+
+
+def _moe_block_kernel_calls(remat):
+  """How many ec_ffn kernels the gradient of a rematerialised smoke-size MoE block runs, its
+  expert FFN being the Mosaic kernel (traced for a v5p: the TPU interpret mode's callbacks
+  cannot run under remat; that remat leaves gradients unchanged is tests/test_model.py's)."""
+  from sdlm_jax.config_files import repo_module  # pylint: disable=import-outside-toplevel
+  from sdlm_jax.model.transformer import Block, run_block  # pylint: disable=import-outside-toplevel
+  cfg = repo_module("demo").get_config("ec,smoke").model
+  cfg.moe.backend = "pallas"
+  graphdef, state = nnx.split(Block(cfg, is_moe=True, rngs=nnx.Rngs(0)))
+  run = run_block(remat)
+  pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+  mask = jnp.ones((2, 16), bool)
+  x = jnp.ones((2, 16, cfg.d_model))
+  grad = jax.grad(lambda s: jnp.sum(run(graphdef, s, x, None, pos, mask)[0]))
+  with target.compile_for("tpu", "v5p"):
+    return _ec_ffn_calls(jax.make_jaxpr(grad)(state).jaxpr)
+
+
+@pytest.mark.parametrize("remat, kernel_runs", [("none", 1), ("minimal_with_context_and_rope", 1), ("minimal", 1),
+                                                ("save_dot_except_mlp", 2), ("full", 2)])
+def test_minimal_policies_keep_the_kernel_residuals_so_the_backward_does_not_rerun_it(remat, kernel_runs):
+  """The kernel's gathered rows and gate/up projections carry checkpoint names
+  (pk.EC_FFN_RESIDUAL_NAMES) that every `minimal` policy keeps: the forward kernel runs once
+  per step, as without remat; policies that recompute the FFN rerun it."""
+  assert _moe_block_kernel_calls(remat) == kernel_runs
 
 
 SEED = dict(groups=1, tokens=16384, experts=64, capacity=2048, d=2048, f=640)  # 8 x 2048 tokens per chip, top_k 8

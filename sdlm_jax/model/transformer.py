@@ -33,10 +33,13 @@ _POLICIES = jax.checkpoint_policies
 # output projection, and the gated FFN's (dense, shared or expert) two input projections and
 # output projection. Also q and k as the attention kernel takes them, after QK-norm and RoPE,
 # and expert choice's picks ("routing": each expert's token indices, a few hundred KiB a layer).
+# With the expert-choice FFN kernel (model.moe.backend pallas), the rows it gathered
+# ("expert_rows"): its gate/up outputs are mlpwi_0/mlpwi_1, and the three come out of one kernel
+# call, so keeping them all is what spares the backward pass a rerun of the whole kernel.
 QKV_NAMES = ("query_proj", "key_proj", "value_proj")
 ROPE_NAMES = ("query_rope", "key_rope")
 MLP_NAMES = ("mlpwi_0", "mlpwi_1", "mlpwo")
-_MINIMAL = (*QKV_NAMES, "out_proj", *MLP_NAMES, "routing")
+_MINIMAL = (*QKV_NAMES, "out_proj", *MLP_NAMES, "routing", "expert_rows")
 # What a block keeps for the backward pass (everything else is recomputed). The named ones
 # follow MaxText's remat policies of the same name (with expert choice's picks kept as well).
 REMAT_POLICIES = {

@@ -79,6 +79,9 @@ def _check_model(m, seq_len, platform):
                       "values here: auto, xla, splash_interpret (the kernel in Pallas TPU interpret mode, slow)")
   _one_of("model.remat", m.remat, REMAT_POLICIES)
   _check_moe(m.moe, m.num_layers, seq_len, m.causal)
+  if m.moe.num_experts and m.moe.backend == "interpret" and m.remat != "none":
+    raise ConfigError(f"model.moe.backend='interpret' with model.remat={m.remat!r}: TPU interpret mode simulates "
+                      "the kernels with callbacks, which JAX cannot rematerialise; allowed values: model.remat=none")
 
 
 def _check_moe(moe, num_layers, seq_len, causal):

@@ -157,7 +157,12 @@ def test_bad_backend_and_remasking():
 def test_expert_choice_kernel_backend_is_valid_without_expert_parallelism_only():
   cfg = demo.get_config("ec")
   cfg.model.moe.backend = "interpret"
-  validate(cfg)
+  validate(cfg)  # the demo runs without remat
+
+  def interpret_under_remat(c):
+    c.model.moe.backend = "interpret"
+    c.model.remat = "full"
+  assert "model.remat=none" in _bad(interpret_under_remat)
 
   def kernel_with_experts_split(c):
     c.model.moe.backend = "pallas"

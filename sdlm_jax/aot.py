@@ -47,6 +47,11 @@ _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "rag
 # A synchronous collective or the -done half of an async one (the -start half is skipped so
 # each transfer counts once); group 1 is the result type (an array or a tuple of arrays).
 _COLLECTIVE_RE = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(_COLLECTIVES) + r")(?:-done)?\(")
+# libtpu overlaps a collective with compute by copying it into a chain of fusions (its start,
+# the continuations that run beside other work, its done), each copy tagged with the chain's id:
+# one transfer, counted once.
+_CHAIN_RE = re.compile(r'chain_id="(\d+)"')
+_CHANNEL_RE = re.compile(r"channel_id=(\d+)")
 _SHAPE_RE = re.compile(r"(bf16|f32|f16|s32|u32|s8|u8|pred|f64|s64)\[([\d,]*)\]")
 _BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
 
@@ -119,12 +124,20 @@ def hbm(compiled) -> dict:
 
 
 def collectives(compiled) -> dict[str, tuple[int, int]]:
-  """{collective: (count, bytes of their results)} in the compiled per-chip program."""
-  out = {}
+  """{collective: (count, bytes of their results)} in the compiled per-chip program's text, each
+  transfer once (the copies of one in an async chain are one); a loop body (the scanned layers)
+  counts once, not once per iteration."""
+  out, chains = {}, set()
   for line in compiled.as_text().splitlines():
     match = _COLLECTIVE_RE.search(line)
     if not match:
       continue
+    chain, channel = _CHAIN_RE.search(line), _CHANNEL_RE.search(line)
+    if chain:
+      key = (match.group(2), match.group(1), chain.group(1), channel and channel.group(1))
+      if key in chains:
+        continue
+      chains.add(key)
     size = sum(_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
                for t, dims in _SHAPE_RE.findall(match.group(1)))
     count, total = out.get(match.group(2), (0, 0))

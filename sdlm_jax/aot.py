@@ -15,7 +15,8 @@ at one and two layers of each kind, extrapolated linearly to the full depth (an 
 28-layer compile takes ~10 CPU minutes); the memory is the full scanned program's, which is
 what training runs. It prices two things at -1 s each, scatters offloaded to the SparseCore
 and sliced VMEM prefetches (v5e, v6e), so the timing compiles turn both off
-(ESTIMATE_OPTIONS): scatters are then priced on the TensorCore.
+(ESTIMATE_OPTIONS): scatters are then priced on the TensorCore. And as a loop body counts
+once, they also turn off windowed einsums (libtpu's loops over a gathered weight's shards).
 """
 
 import dataclasses
@@ -34,8 +35,15 @@ from sdlm_jax.train import program as program_lib
 # Compiler options of the timing compiles. The TPU cost model prices a scatter offloaded to the
 # SparseCore, and each sliced prefetch into VMEM (v5e, v6e), at -1 s; without either the
 # program is the TensorCore-only one it can price (v5p: identical estimates, no slicing there).
+# It also counts a loop body once, and libtpu turns a matmul whose weights are gathered or whose
+# output is reduce-scattered (FSDP beside expert or tensor parallelism) into a windowed einsum:
+# a loop over the shards, overlapping each step's transfer with the previous step's matmul. The
+# timing compiles keep those matmuls whole, so every FLOP is counted (with mesh.expert=8 on
+# v5p-128 the loops hid 22% of the step's FLOPs).
 ESTIMATE_OPTIONS = {"xla_tpu_enable_offloading_scatter_to_sparsecore": "false",
-                    "xla_tpu_sliced_prefetch_max_slices": "0"}
+                    "xla_tpu_sliced_prefetch_max_slices": "0",
+                    "xla_tpu_enable_windowed_einsum_for_all_gather": "false",
+                    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": "false"}
 # Accelerator types count TensorCores on v4/v5p (2 per chip) and chips on v5e/v6e.
 _CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}

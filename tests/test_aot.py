@@ -108,8 +108,9 @@ def test_fsdp_weight_gathers_are_all_gathers_not_all_reduces():
 @pytest.mark.slow
 def test_timing_compiles_count_every_flop_of_windowed_einsums():
   """With FSDP beside expert parallelism libtpu turns the expert matmuls into windowed einsums,
-  loops the cost model counts once (a quarter of this step's FLOPs vanish); the timing compiles
-  (ESTIMATE_OPTIONS) keep them whole. One EC layer of the seed, one sequence per v5p-128 chip."""
+  loops the cost model counts once: for this program (one EC layer of the seed, one sequence
+  per v5p-128 chip, mesh.expert=8) libtpu's defaults give 9 while loops and 0.599 of its 0.792
+  TFLOPs. The timing compiles (ESTIMATE_OPTIONS) keep the matmuls whole: no loop, every FLOP."""
   cfg = repo_module("openmoe2/ec_8b1b7a").get_config()
   cfg.model.vocab_size = 1024
   cfg.data.seq_len, cfg.train.batch_size = 2048, 64
@@ -118,13 +119,9 @@ def test_timing_compiles_count_every_flop_of_windowed_einsums():
   tpu_slice = aot.parse_slice("v5p-128")
   devices = aot.slice_devices(tpu_slice)
   analytic = flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.batch_size * cfg.data.seq_len / len(devices)
-  windowed = {k: v for k, v in aot.ESTIMATE_OPTIONS.items() if "windowed_einsum" not in k}
-  ratios = {}
-  for name, options in (("libtpu", windowed), ("timing", aot.ESTIMATE_OPTIONS)):
-    compiled = aot.compile_train_step(cfg, devices, tpu_slice.chip, options)
-    ratios[name] = (float(aot.cost(compiled)["flops"]) / analytic, compiled.as_text().count(" while("))
-  assert ratios["libtpu"][1] > 0 and ratios["libtpu"][0] < 0.9, ratios  # the loops exist and hide FLOPs
-  assert ratios["timing"][1] == 0 and 1.0 <= ratios["timing"][0] < 1.1, ratios
+  compiled = aot.compile_train_step(cfg, devices, tpu_slice.chip, aot.ESTIMATE_OPTIONS)
+  assert " while(" not in compiled.as_text()
+  assert 1.0 <= float(aot.cost(compiled)["flops"]) / analytic < 1.1
 
 
 def _sdlm_aot(*args):
